@@ -1,0 +1,186 @@
+"""Caption your own images with a trained checkpoint.
+
+    python -m bita.caption --checkpoint runs/.../checkpoints/best photos/ scene.tif \
+        [--out captions.jsonl] [--batch-size 16] [--num-beams 3] [--device cpu]
+
+Writes one JSON line per image, ``{"image": path, "caption": text}``; a file that cannot be
+read as an image gets ``{"image": path, "error": why}`` and the others still get captions.
+Exit code 0 when every image got a caption, 1 otherwise. Folders are expanded recursively in
+sorted order (hidden files skipped). Python API::
+
+    from bita import Captioner
+    captions = Captioner.from_checkpoint("runs/.../checkpoints/best").caption(["a.jpg"])
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from PIL import Image
+
+from bita.data.images import load_image
+from bita.data.transforms import eval_transform
+from bita.engine.checkpoint import load_model
+from bita.eval.decoding import DecodeSettings, caption_images
+
+ImageInput = str | Path | Image.Image
+
+
+class Captioner:
+    """A loaded model plus its eval transform and decoding settings."""
+
+    def __init__(self, model: torch.nn.Module, transform, settings: DecodeSettings) -> None:
+        self.model = model.eval()
+        self.transform = transform
+        self.settings = settings
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint_dir: str | Path, *, device: str | None = None, **decode_overrides
+    ) -> Captioner:
+        """Load ``checkpoint_dir`` (a `checkpoints/{best,last}` folder of a run).
+
+        Decoding follows the checkpoint's `decode` config unless overridden by keyword
+        (``num_beams=3``, ``batch_size=8``, ...).
+        """
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, cfg = load_model(checkpoint_dir, device=device)
+        settings = DecodeSettings.from_config(cfg.get("decode"), **decode_overrides)
+        preprocess = model.preprocess
+        return cls(
+            model, eval_transform(preprocess.size, preprocess.mean, preprocess.std), settings
+        )
+
+    def caption(self, images: Sequence[ImageInput]) -> list[str]:
+        """One caption per image (paths or PIL images), in order, batched by `batch_size`."""
+        captions: list[str] = []
+        for start in range(0, len(images), self.settings.batch_size):
+            chunk = images[start : start + self.settings.batch_size]
+            pixels = torch.stack([self.transform(_as_rgb(image)) for image in chunk])
+            captions.extend(caption_images(self.model, pixels, self.settings))
+        return captions
+
+
+def _as_rgb(image: ImageInput) -> Image.Image:
+    """RGB via `load_image`, also for in-memory images, so 16-bit or multi-band PIL images get
+    the same rescaling as files instead of PIL's clipping `convert("RGB")`."""
+    if not isinstance(image, Image.Image):
+        return load_image(image)
+    if image.mode == "RGB":
+        return image
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF")
+    return load_image(buffer.getvalue())
+
+
+def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders replaced by their non-hidden files (recursive, sorted).
+
+    Missing paths and empty folders are kept as they are so they get an error line.
+    """
+    expanded: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            expanded.append(path)
+            continue
+        files = sorted(
+            child
+            for child in path.rglob("*")
+            if child.is_file() and not any(p.startswith(".") for p in child.relative_to(path).parts)
+        )
+        expanded.extend(files or [path])
+    return expanded
+
+
+def _load(path: Path) -> Image.Image:
+    if path.is_dir():
+        raise ValueError(f"{path}: folder holds no files")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    return load_image(path)
+
+
+def caption_files(
+    captioner: Captioner, paths: Sequence[Path], out: TextIO
+) -> Iterator[dict[str, str]]:
+    """Caption ``paths`` chunk by chunk, writing (and yielding) one JSON line per path in order.
+
+    Any failure to read one file becomes that file's error line: a user's folder of photos
+    should not be lost to one broken file.
+    """
+    for start in range(0, len(paths), captioner.settings.batch_size):
+        chunk = paths[start : start + captioner.settings.batch_size]
+        lines: list[dict[str, str]] = []
+        loaded: list[tuple[dict[str, str], Image.Image]] = []
+        for path in chunk:
+            line = {"image": str(path)}
+            try:
+                loaded.append((line, _load(path)))
+            except Exception as err:  # whatever makes one file unreadable: report it, go on
+                line["error"] = str(err) or type(err).__name__
+            lines.append(line)
+        captions = captioner.caption([image for _, image in loaded]) if loaded else []
+        for (line, _), caption in zip(loaded, captions, strict=True):
+            line["caption"] = caption
+        for line in lines:
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            out.flush()
+            yield line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bita.caption",
+        description="Caption images (JPEG/PNG/TIFF, incl. 16-bit and multi-band) with a BITA "
+        "checkpoint; one JSON line per image.",
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder (config.yaml + weights)"
+    )
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    parser.add_argument("--out", type=Path, help="write JSON lines here instead of stdout")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    decode = parser.add_argument_group("decoding (default: the checkpoint's `decode` config)")
+    for field in dataclasses.fields(DecodeSettings):
+        flag = "--" + field.name.replace("_", "-")
+        kind = type(field.default)
+        if kind is bool:
+            decode.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            decode.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodeSettings)}
+    try:
+        captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device, **overrides)
+    except (OSError, ValueError, KeyError) as err:
+        parser.error(str(err))
+    paths = expand_inputs(args.inputs)
+    if args.out is None:
+        lines = list(caption_files(captioner, paths, sys.stdout))
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("w", encoding="utf-8") as out:
+            lines = list(caption_files(captioner, paths, out))
+    failed = sum("error" in line for line in lines)
+    logging.getLogger("bita.caption").info("%d captioned, %d failed", len(lines) - failed, failed)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

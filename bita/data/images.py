@@ -1,0 +1,118 @@
+"""Image decoding shared by make_shards and the caption CLI: any common remote-sensing file to RGB.
+
+PIL reads JPEG, PNG and 8-bit TIFF (grayscale, palette and CMYK included); TIFFs PIL cannot
+read or reads with wider samples (16-bit, float, more than four bands, planar) go through
+tifffile. Samples wider than 8 bits are stretched linearly between their 0.5th and 99.5th
+percentile over all bands together, so a 12-bit sensor range fills 0-255 and the colour balance
+between bands is kept; of more than three bands the first three are used, with a warning.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+_STRETCH_PERCENTILES = (0.5, 99.5)
+
+
+class ImageError(ValueError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+def load_image(source: str | Path | bytes, *, name: str | None = None) -> Image.Image:
+    """Decode a file path or encoded bytes into an RGB PIL image; ``name`` labels errors."""
+    label = name or ("<bytes>" if isinstance(source, bytes) else str(source))
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as err:
+        raise ImageError(f"{label}: cannot read image file: {err}") from err
+    try:
+        return _decode(data, label)
+    except Exception as err:
+        raise ImageError(f"{label}: cannot decode image: {err}") from err
+
+
+def _decode(data: bytes, label: str) -> Image.Image:
+    is_tiff = data[:4] in _TIFF_MAGICS
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if not (is_tiff and image.mode in _WIDE_MODES):
+                return _pil_to_rgb(image, label)
+    except Exception:
+        if not is_tiff:
+            raise
+    return _tiff_to_rgb(data, label)
+
+
+def _pil_to_rgb(image: Image.Image, label: str) -> Image.Image:
+    if image.mode in _WIDE_MODES:
+        return _array_to_rgb(np.asarray(image), label)
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def _tiff_to_rgb(data: bytes, label: str) -> Image.Image:
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        series = tif.series[0]
+        array, axes = series.asarray(), series.axes
+    # keep the first image of any stack (pages, time, z) and one band axis (samples, else channels)
+    band = "S" if "S" in axes else "C"
+    for axis in reversed(range(len(axes))):
+        if axes[axis] not in ("Y", "X", band):
+            array = np.take(array, 0, axis=axis)
+    kept = [a for a in axes if a in ("Y", "X", band)]
+    if band in kept:
+        array = np.moveaxis(array, kept.index(band), -1)
+    return _array_to_rgb(array, label)
+
+
+def _array_to_rgb(array: np.ndarray, label: str) -> Image.Image:
+    if array.ndim == 2:
+        array = array[:, :, None]
+    bands = array.shape[-1]
+    if bands > 3:
+        warnings.warn(f"{label}: {bands} bands; using the first three as RGB", stacklevel=4)
+        array = array[:, :, :3]
+    elif bands == 2:
+        warnings.warn(f"{label}: 2 bands; using the first as grayscale", stacklevel=4)
+        array = array[:, :, :1]
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return Image.fromarray(_to_uint8(array))
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    values = array.astype(np.float64)
+    low, high = np.nanpercentile(values, _STRETCH_PERCENTILES)
+    scaled = (np.nan_to_num(values, nan=low) - low) / max(high - low, 1e-12)
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def encode_for_shard(path: Path) -> tuple[str, bytes]:
+    """(extension, bytes) to store: a JPEG as is, anything else as the PNG of its RGB pixels.
+
+    The file is fully decoded first so that unreadable images are caught at shard time; the
+    PNG holds exactly the pixels ``load_image`` gives for the original, so training and the
+    caption CLI see the same image.
+    """
+    data = path.read_bytes()
+    image = load_image(data, name=str(path))
+    if data.startswith(JPEG_MAGIC):
+        return "jpg", data
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "png", buffer.getvalue()

@@ -1,0 +1,175 @@
+"""Writing and reading the shard layout: ``<root>/<dataset>/<split>/<dataset>-<split>-NNNNN.tar``.
+
+Each sample is one image, keyed ``<dataset>_<imgid>`` (WebDataset splits keys at the first dot,
+and file names repeat across datasets), holding the image (``jpg`` kept as is, else ``png``) and
+a ``json`` with the record and its raw captions. ``manifest.json`` beside the split folders
+counts images and usable captions per shard (the loaders size epochs from it) and lists every
+skipped image and unusable caption.
+
+Runs are deterministic (fixed tar metadata, annotation order, no timestamps) and atomic: all
+files go to a hidden temporary folder that replaces ``<root>/<dataset>`` only when complete, so
+a killed run leaves the previous shards (and a stale ``.<dataset>.tmp-*`` folder) behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import webdataset as wds
+from tqdm import tqdm
+
+from bita.data.annotations import SPLITS, CaptionRecord
+from bita.data.captions import usable_captions
+from bita.data.images import ImageError, encode_for_shard
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "bita-shards/1"
+_TAR_META = {"mtime": 0, "user": "bita", "group": "bita", "mode": 0o444}
+
+
+def sample_key(record: CaptionRecord) -> str:
+    """The WebDataset key of a record: ``<dataset>_<imgid>``, unique across datasets, dot-free."""
+    return f"{record.dataset}_{record.image_id}"
+
+
+def make_shards(
+    records: list[CaptionRecord],
+    *,
+    images_dir: Path,
+    out_dir: Path,
+    dataset: str,
+    shard_size: int = 1000,
+    source_name: str = "",
+    progress: bool = True,
+) -> dict:
+    """Write shards and manifest of ``records`` under ``out_dir/dataset``; return the manifest."""
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dataset}.tmp-", dir=out_dir))
+    try:
+        splits = {}
+        for split in SPLITS:
+            chosen = [r for r in records if r.split == split]
+            if chosen:
+                splits[split] = _write_split(
+                    chosen, images_dir, staging, split, shard_size, progress
+                )
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "dataset": dataset,
+            "annotations": source_name,
+            "shard_size": shard_size,
+            "splits": splits,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        staging.chmod(0o755)
+        _replace(staging, out_dir / dataset)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_split(
+    records: list[CaptionRecord],
+    images_dir: Path,
+    staging: Path,
+    split: str,
+    shard_size: int,
+    progress: bool,
+) -> dict:
+    dataset = records[0].dataset
+    (staging / split).mkdir()
+    skipped: list[dict] = []
+    unusable: list[dict] = []
+    shards: list[dict] = []
+    bar = tqdm(records, desc=f"{dataset}/{split}", unit="img", disable=not progress)
+    samples = _encoded_samples(bar, images_dir, skipped, unusable)
+    for index, chunk in enumerate(_chunks(samples, shard_size)):
+        name = f"{split}/{dataset}-{split}-{index:05d}.tar"
+        shard = {"file": name, "images": 0, "captions": 0}
+        with wds.TarWriter(str(staging / name), encoder=False, **_TAR_META) as tar:
+            for sample, captions in chunk:
+                tar.write(sample)
+                shard["images"] += 1
+                shard["captions"] += captions
+        shards.append(shard)
+    return {
+        "images": sum(s["images"] for s in shards),
+        "captions": sum(s["captions"] for s in shards),
+        "shards": shards,
+        "skipped": skipped,
+        "unusable_captions": unusable,
+    }
+
+
+def _encoded_samples(
+    records: Iterable[CaptionRecord], images_dir: Path, skipped: list[dict], unusable: list[dict]
+) -> Iterator[tuple[dict, int]]:
+    """(sample, usable caption count) per readable image; the others go to ``skipped``."""
+    for record in records:
+        key = sample_key(record)
+        try:
+            extension, data = encode_for_shard(images_dir / record.filename)
+        except FileNotFoundError:
+            skipped.append(_skip(record, "missing: no such file"))
+            continue
+        except (ImageError, OSError) as err:
+            skipped.append(_skip(record, f"unreadable: {err}"))
+            continue
+        usable = usable_captions(record.captions)
+        unusable.extend(
+            {"key": key, "index": i, "raw": raw}
+            for i, raw in enumerate(record.captions)
+            if not usable_captions([raw])
+        )
+        payload = json.dumps(asdict(record), sort_keys=True).encode("utf-8")
+        yield {"__key__": key, extension: data, "json": payload}, len(usable)
+
+
+def _skip(record: CaptionRecord, reason: str) -> dict:
+    return {"image_id": record.image_id, "filename": record.filename, "reason": reason}
+
+
+def _chunks(items: Iterator, size: int) -> Iterator[Iterator]:
+    """Consecutive runs of ``size`` items, streamed; no empty trailing run."""
+    for first in items:
+        yield _run(first, items, size)
+
+
+def _run(first, items: Iterator, size: int) -> Iterator:
+    yield first
+    for _, item in zip(range(size - 1), items, strict=False):
+        yield item
+
+
+def _replace(staging: Path, final: Path) -> None:
+    if not final.exists():
+        staging.rename(final)
+        return
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old)
+
+
+def read_manifest(root: str | Path, dataset: str) -> dict:
+    """The manifest of ``<root>/<dataset>``, with a clear error when the shards are not there."""
+    path = Path(root) / dataset / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no shard manifest; build it with `python tools/make_shards.py "
+            f"--dataset {dataset} --annotations FILE --images DIR --out {root}` "
+            "(or point paths.shards / BITA_SHARDS at the folder holding it)"
+        )
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    return manifest

@@ -1,0 +1,273 @@
+"""BITA: frozen image tower → ln_vision → IFT with learnable queries → (ITC heads | LM prefix).
+
+Stage 1 trains the IFT with the image–text contrastive loss (`itc_loss`); stage 2 and
+fine-tuning feed the query outputs through `llm_proj` as a soft prefix to the frozen LM
+(`lm_loss`, `generate`). Which parameters train is decided by `set_trainable` from the stage
+config, not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bita.models.encoders import FrozenImageEncoder, ImagePreprocess
+from bita.models.ift import IFT
+from bita.models.llm import PrefixLM
+from bita.models.losses import contrastive_loss
+
+# BITA's own parts: always in its checkpoint (small, trained by this project)
+OWN_PARTS = ("query_tokens", "ln_vision", "ift", "vision_proj", "text_proj", "temp", "llm_proj")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The root config's `model:` section."""
+
+    embed_dim: int = 256
+    max_text_tokens: int = 32
+    max_lm_tokens: int = 32
+    label_smoothing: float = 0.1
+    temp_init: float = 0.07
+    temp_range: tuple[float, float] = (0.001, 0.5)
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> ModelSettings:
+        values = dict(cfg)
+        if "temp_range" in values:
+            values["temp_range"] = tuple(values["temp_range"])
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"model: unknown keys {sorted(unknown)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    loaded: list[str]
+    missing: list[str]
+
+
+@dataclass(frozen=True)
+class LMAssets:
+    """How the LM is rebuilt from a checkpoint: `export` when it was trained by this project
+    (random init or a local folder), `in_checkpoint` when its weights are in model.safetensors."""
+
+    export: bool
+    in_checkpoint: bool
+
+
+class BITA(nn.Module):
+    def __init__(
+        self,
+        encoder: FrozenImageEncoder,
+        ift: IFT,
+        ift_tokenizer: Any,
+        llm: PrefixLM | None,
+        settings: ModelSettings,
+        *,
+        encoder_in_checkpoint: bool = False,
+        lm_assets: LMAssets = LMAssets(export=False, in_checkpoint=False),
+    ):
+        super().__init__()
+        hidden = ift.config.hidden_size
+        self.settings = settings
+        self.encoder = encoder
+        self.ln_vision = nn.LayerNorm(encoder.width)
+        self.query_tokens = nn.Parameter(
+            torch.randn(1, ift.config.num_queries, hidden) * ift.config.init_std
+        )
+        self.ift = ift
+        self.ift_tokenizer = ift_tokenizer
+        self.vision_proj = nn.Linear(hidden, settings.embed_dim)
+        self.text_proj = nn.Linear(hidden, settings.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(settings.temp_init))
+        self.llm = llm
+        self.llm_proj = nn.Linear(hidden, llm.hidden_size) if llm is not None else None
+        self.lm_assets = lm_assets
+        self._checkpointed = set(OWN_PARTS)
+        if encoder_in_checkpoint:
+            self._checkpointed.add("encoder")
+        if lm_assets.in_checkpoint:
+            self._checkpointed.add("llm")
+
+    @property
+    def preprocess(self) -> ImagePreprocess:
+        return self.encoder.preprocess
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen tower output (what a feature cache stores)."""
+        return self.encoder(images)
+
+    def image_tokens(
+        self, images: torch.Tensor | None = None, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Tower output (or cached `features`) through the trainable fp32 `ln_vision`."""
+        if features is None:
+            if images is None:
+                raise ValueError("image_tokens needs images or features")
+            features = self.encode_images(images)
+        return self.ln_vision(features.float())
+
+    def query_outputs(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        queries = self.query_tokens.expand(image_tokens.shape[0], -1, -1)
+        return self.ift.encode_queries(queries, image_tokens)
+
+    def itc_loss(self, image_tokens: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Stage-1 image–text contrastive loss (SPEC §2); returns `loss` and `acc`."""
+        image_feats = F.normalize(self.vision_proj(self.query_outputs(image_tokens)), dim=-1)
+        text = self.ift_tokenizer(
+            captions,
+            padding="max_length",
+            truncation=True,
+            max_length=self.settings.max_text_tokens,
+            return_tensors="pt",
+        ).to(image_tokens.device)
+        cls = self.ift.encode_text(text.input_ids, text.attention_mask)[:, 0]
+        text_feats = F.normalize(self.text_proj(cls), dim=-1)
+        low, high = self.settings.temp_range
+        temp = self.temp.clamp(low, high)
+        return contrastive_loss(image_feats, text_feats, temp, self.settings.label_smoothing)
+
+    def forward(self, batch: Mapping[str, Any], objective: str, prompt: str = "") -> dict:
+        """A training loss on a batch: `objective` "itc" (stage 1) or "lm" (stage 2, fine-tune).
+
+        Training goes through `forward` so that DeepSpeed ZeRO-3 gathers this module's own
+        parameters (`query_tokens`, `temp`) before they are used.
+        """
+        tokens = self.image_tokens(images=batch.get("image"), features=batch.get("features"))
+        if objective == "itc":
+            return self.itc_loss(tokens, batch["caption"])
+        if objective == "lm":
+            return self.lm_loss(tokens, batch["caption"], prompt)
+        raise ValueError(f"objective must be 'itc' or 'lm', got {objective!r}")
+
+    def _prefix(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        if self.llm is None:
+            raise RuntimeError("this BITA was built without its LM (with_llm=False)")
+        return self.llm_proj(self.query_outputs(image_tokens))
+
+    def lm_loss(
+        self, image_tokens: torch.Tensor, captions: list[str], prompt: str = ""
+    ) -> dict[str, torch.Tensor]:
+        """Prefix-LM loss on `[prefix][bos][prompt] caption "\n"` (labels only on the caption)."""
+        prefix = self._prefix(image_tokens)
+        return {"loss": self.llm.prefix_loss(prefix, captions, prompt, self.settings.max_lm_tokens)}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        image_tokens: torch.Tensor,
+        *,
+        prompt: str = "a photo of ",
+        num_beams: int = 5,
+        max_new_tokens: int = 22,
+        min_new_tokens: int = 5,
+        length_penalty: float = 1.0,
+        repetition_penalty: float = 1.0,
+        do_sample: bool = False,
+        top_p: float = 0.9,
+        temperature: float = 1.0,
+    ) -> list[str]:
+        """One caption per image (SPEC §3 defaults): beam search, stop at "\n", stripped."""
+        sampling = {"top_p": top_p, "temperature": temperature} if do_sample else {}
+        prefix = self._prefix(image_tokens)
+        return self.llm.generate(
+            prefix,
+            prompt,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            length_penalty=length_penalty,
+            repetition_penalty=repetition_penalty,
+            do_sample=do_sample,
+            **sampling,
+        )
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters, BITA's own parts, and every weight of components configured
+        `in_checkpoint` (random or project-trained ones that cannot be re-fetched). Tied
+        weights appear once, so the dict can be written with safetensors."""
+        tensors = dict(self.named_parameters()) | dict(self.named_buffers())
+        keep = {
+            name
+            for name in self.state_dict()
+            if name in tensors
+            and (name.split(".")[0] in self._checkpointed or tensors[name].requires_grad)
+        }
+        return {name: tensors[name].detach() for name in sorted(keep)}
+
+    def load_checkpoint_state_dict(self, state: Mapping[str, torch.Tensor]) -> LoadReport:
+        """Load what `checkpoint_state_dict` wrote. Keys the model lacks, shape mismatches and
+        an empty match are errors (the authors' `strict=False` silently loaded nothing)."""
+        own = self.state_dict()
+        unexpected = sorted(k for k in state if k not in own)
+        if unexpected:
+            raise KeyError(f"checkpoint keys not in the model: {unexpected}")
+        if not state:
+            raise ValueError("checkpoint matched no key of the model")
+        wrong = sorted(
+            f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if v.shape != own[k].shape
+        )
+        if wrong:
+            raise ValueError(f"checkpoint shapes differ from the model: {wrong}")
+        self.load_state_dict(dict(state), strict=False)
+        missing = sorted(set(self.checkpoint_state_dict()) - set(state))
+        return LoadReport(loaded=sorted(state), missing=missing)
+
+    def export_assets(self, folder: str | Path) -> dict[str, str]:
+        """Copy what rebuilding this model needs besides weights (the project-trained LM's
+        tokenizer and config, its weights too unless they are in the checkpoint) into `folder`.
+
+        Returns config overrides whose paths are relative to `folder`'s parent (the checkpoint
+        directory)."""
+        if self.llm is None or not self.lm_assets.export:
+            return {}
+        folder = Path(folder)
+        self.llm.save_pretrained(folder / "llm", weights=not self.lm_assets.in_checkpoint)
+        relative = f"{folder.name}/llm"
+        return {"llm.pretrained": relative, "llm.tokenizer": relative}
+
+    def _count(self, module: nn.Module, *patterns: str) -> int:
+        return sum(
+            p.numel()
+            for n, p in module.named_parameters()
+            if any(fnmatchcase(n, pat) for pat in patterns)
+        )
+
+    def flops_per_sample(self, kind: str) -> float:
+        """Approximate training FLOPs per sample (2 per multiply-add of the dense layers; a
+        backward costs twice a forward; frozen parts run forward, and the LM also backward to
+        its inputs). The tower counts 2 × parameters × tokens (exact for a ViT, rough for a CNN).
+        Attention scores and the FFTs are left out: they are small here."""
+        if kind not in ("itc", "lm"):
+            raise ValueError(f"flops_per_sample kind={kind!r}: expected 'itc' or 'lm'")
+        cfg = self.ift.config
+        n_image = self.encoder.num_tokens
+        tower = 2 * sum(p.numel() for p in self.encoder.parameters()) * n_image
+        per_query = self._count(
+            self.ift, "*.query_ffn.*", "*.cross_attn.query.*", "*.cross_attn.out.*", "*.self_attn.*"
+        )
+        per_image_token = self._count(self.ift, "*.cross_attn.key.*", "*.cross_attn.value.*")
+        queries = 2 * (per_query * cfg.num_queries + per_image_token * n_image)
+        if kind == "itc":
+            text = 2 * self._count(self.ift, "*.text_ffn.*", "*.self_attn.*")
+            heads = 2 * self.settings.embed_dim * cfg.hidden_size * (cfg.num_queries + 1)
+            text_tokens = self.settings.max_text_tokens
+            return tower + 3 * (queries + text * text_tokens + heads)
+        if self.llm is None:
+            raise RuntimeError("this BITA was built without its LM: no 'lm' FLOPs")
+        lm_params = sum(p.numel() for p in self.llm.parameters())
+        lm_factor = 6 if any(p.requires_grad for p in self.llm.parameters()) else 4
+        tokens = cfg.num_queries + self.settings.max_lm_tokens
+        proj = 2 * self.llm_proj.weight.numel() * cfg.num_queries
+        return tower + 3 * (queries + proj) + lm_factor * lm_params * tokens

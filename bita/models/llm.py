@@ -1,0 +1,248 @@
+"""The prefix language model: a causal LM that reads the IFT queries as a soft visual prefix.
+
+Sequence layout (training and decoding alike):
+`[prefix (Q query vectors)] [bos] [prompt tokens] [caption tokens] ["\n"]`.
+The prompt and the caption are tokenised separately and the caption is given a leading space
+when a prompt precedes it, so "a photo of " + "many cars" is never glued into "ofmany" and the
+prompt tokens are the same at training and decoding time. "\n" ends a caption (BLIP-2/OPT
+convention), so decoding stops on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from bita.locations import resolve_location
+from bita.models.encoders import parse_dtype
+
+CAPTION_END = "\n"
+IGNORE_INDEX = -100
+SPECIAL_TOKENS = {
+    "pad_token": "<pad>",
+    "bos_token": "</s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+}
+
+
+def train_caption_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Path:
+    """Train a byte-level BPE tokenizer on captions and save it where
+    `AutoTokenizer.from_pretrained(out_dir)` finds it.
+
+    Byte-level: every byte (so "\n") is a token and no caption is out of vocabulary. Special
+    tokens follow OPT's convention (`</s>` is bos and eos, `<pad>` pads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = list(dict.fromkeys(SPECIAL_TOKENS.values()))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator((t + CAPTION_END for t in texts), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+    out = Path(out_dir)
+    fast.save_pretrained(out)
+    return out
+
+
+def load_tokenizer(spec: str, field: str):
+    """AutoTokenizer from a hub name, a folder or a location spec, with a clear offline error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_location(spec))
+    except OSError as err:
+        raise OSError(
+            f"{field}={spec!r}: cannot load a tokenizer ({err}). A hub name needs network access "
+            "once (or a local copy in the Hugging Face cache); otherwise give a folder."
+        ) from err
+
+
+class PrefixLM(nn.Module):
+    """A transformers causal LM + its tokenizer, fed `inputs_embeds` with a visual prefix."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        ids = tokenizer(CAPTION_END, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"LM tokenizer encodes '\\n' as {ids}; a single token is needed")
+        self.caption_end_id = ids[0]
+        if tokenizer.bos_token_id is None or tokenizer.pad_token_id is None:
+            raise ValueError("LM tokenizer needs bos and pad tokens")
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            raise ValueError(
+                f"LM tokenizer has {len(tokenizer)} tokens, the LM embeds only "
+                f"{model.get_input_embeddings().num_embeddings}"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> PrefixLM:
+        """Same as `build_prefix_lm(cfg)` (used by the caption-LM stage)."""
+        return build_prefix_lm(cfg)
+
+    def forward(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The caption-LM stage's objective: `caption_loss` as a loss dict."""
+        return {"loss": self.caption_loss(captions)}
+
+    def flops_per_sample(self, tokens: int = 32) -> float:
+        """Approximate training FLOPs per caption (6 per parameter per token) for MFU."""
+        return 6.0 * sum(p.numel() for p in self.model.parameters()) * tokens
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        body = self.tokenizer(prompt.rstrip(), add_special_tokens=False).input_ids if prompt else []
+        return [self.tokenizer.bos_token_id, *body]
+
+    def tokenize_captions(
+        self, captions: list[str], prompt: str, max_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ids, attention mask and labels for `[bos] prompt caption "\n"`.
+
+        At most `max_tokens` caption tokens (including "\n") are kept; labels are -100 on bos,
+        prompt and padding."""
+        head = self._prompt_ids(prompt)
+        lead = " " if prompt.strip() else ""
+        bodies = self.tokenizer([lead + c for c in captions], add_special_tokens=False).input_ids
+        rows = [head + body[: max_tokens - 1] + [self.caption_end_id] for body in bodies]
+        pad = self.tokenizer.pad_token_id
+        ids = pad_sequence([torch.tensor(r) for r in rows], batch_first=True, padding_value=pad)
+        lengths = torch.tensor([len(r) for r in rows])
+        mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        labels[:, : len(head)] = IGNORE_INDEX
+        return ids, mask, labels
+
+    def prefix_loss(
+        self, prefix: torch.Tensor, captions: list[str], prompt: str = "", max_tokens: int = 32
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy over caption tokens, the prefix [B, Q, hidden] first."""
+        ids, mask, labels = (
+            t.to(prefix.device) for t in self.tokenize_captions(captions, prompt, max_tokens)
+        )
+        embeds = self._embed(ids)
+        inputs = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
+        prefix_mask = torch.ones(prefix.shape[:2], dtype=mask.dtype, device=mask.device)
+        # no prefix position predicts a caption token (bos follows the prefix and is no
+        # target), so the vocabulary projection runs only over the text positions
+        logits = self.model(
+            inputs_embeds=inputs,
+            attention_mask=torch.cat([prefix_mask, mask], dim=1),
+            logits_to_keep=ids.shape[1],
+        ).logits
+        return _shifted_cross_entropy(logits, labels)
+
+    def caption_loss(self, captions: list[str], max_tokens: int = 32) -> torch.Tensor:
+        """LM-only loss on captions (no prefix, no prompt): trains the caption-domain LM."""
+        device = self.model.get_input_embeddings().weight.device
+        ids, mask, labels = (t.to(device) for t in self.tokenize_captions(captions, "", max_tokens))
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
+        return _shifted_cross_entropy(logits, labels)
+
+    @torch.no_grad()
+    def generate(self, prefix: torch.Tensor, prompt: str = "", **decode: Any) -> list[str]:
+        """Decode one caption per prefix with transformers `generate` (beam search, sampling…);
+        stops at "\n" and returns stripped strings without the prompt."""
+        head = torch.tensor([self._prompt_ids(prompt)], device=prefix.device)
+        embeds = self._embed(head).expand(prefix.shape[0], -1, -1)
+        inputs = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
+        out = self.model.generate(
+            inputs_embeds=inputs,
+            attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long, device=prefix.device),
+            eos_token_id=self.caption_end_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            **decode,
+        )
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [t.split(CAPTION_END)[0].strip() for t in texts]
+
+    def save_pretrained(self, folder: str | Path, weights: bool = True) -> None:
+        """Write the tokenizer and the LM config (and weights unless `weights=False`, used when
+        the weights travel in the BITA checkpoint instead) for `build_prefix_lm`."""
+        folder = Path(folder)
+        if weights:
+            self.model.save_pretrained(folder)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.model.config.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+
+def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
+def build_prefix_lm(cfg: Mapping[str, Any]) -> PrefixLM:
+    """Build the `llm` config group's LM: `pretrained` hub name / folder, or random init from
+    `config` (OPTConfig kwargs; vocab size from the tokenizer unless given). A `pretrained`
+    folder without weight files is allowed only with `in_checkpoint: true`: the architecture
+    comes from the folder and the weights from the BITA checkpoint. Frozen unless `trainable`."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    if cfg.get("kind") != "opt":
+        raise ValueError(f"llm.kind={cfg.get('kind')!r}: expected 'opt'")
+    if not cfg.get("tokenizer"):
+        raise ValueError(
+            "llm.tokenizer is null: this LM has no public tokenizer. Train one with the caption "
+            "LM stage (python -m bita.run stage=lm) or set llm.tokenizer to a folder"
+        )
+    tokenizer = load_tokenizer(cfg["tokenizer"], "llm.tokenizer")
+    dtype = parse_dtype(cfg.get("dtype", "fp32"), "llm.dtype")
+    spec = cfg.get("pretrained")
+    source = Path(resolve_location(spec)) if spec else None
+    if source is not None and source.is_dir() and not _has_weights(source):
+        if not cfg.get("in_checkpoint"):
+            raise ValueError(
+                f"llm.pretrained={spec!r} holds no weights and llm.in_checkpoint "
+                "is false: nothing would provide the LM weights"
+            )
+        model = OPTForCausalLM(OPTConfig.from_pretrained(source))
+    elif spec:
+        model = _load_opt(str(source), dtype, spec)
+    else:
+        arch = dict(cfg.get("config") or {})
+        arch.setdefault("vocab_size", len(tokenizer))
+        ids = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        model = OPTForCausalLM(OPTConfig(**{**ids, **arch}))
+    model.to(dtype)
+    model.requires_grad_(bool(cfg.get("trainable", False)))
+    return PrefixLM(model, tokenizer)
+
+
+def _load_opt(path: str, dtype: torch.dtype, spec: str) -> nn.Module:
+    from transformers import OPTForCausalLM
+
+    try:
+        return OPTForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise OSError(
+            f"llm.pretrained={spec!r}: cannot load the LM weights ({err}). A hub name needs "
+            "network access once (or a local copy in the Hugging Face cache)."
+        ) from err

@@ -1,0 +1,113 @@
+"""The BITA authors' released checkpoints (LAVIS `.pth`, SPEC §6) ↔ this project's names.
+
+The authors' files hold only trainable parameters under LAVIS names (`Fformer.bert.…`,
+`opt_proj.…`); their unused MLM head `Fformer.cls.…` and BERT's `position_ids` buffer are
+dropped. Any other key that does not map is an error listing it, so a layout change can never
+load silently into nothing (the authors' `strict=False` defect).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+_BERT = "Fformer.bert."
+_DROPPED = (re.compile(r"Fformer\.cls\..*"), re.compile(r"Fformer\.bert\.embeddings\.position_ids"))
+
+# (ours, theirs) name patterns; `{n}` is a layer index, the rest is literal
+_TOP = [
+    ("query_tokens", "query_tokens"),
+    ("temp", "temp"),
+    ("ln_vision.", "ln_vision."),
+    ("vision_proj.", "vision_proj."),
+    ("text_proj.", "text_proj."),
+    ("llm_proj.", "opt_proj."),
+    ("ift.embeddings.word.", _BERT + "embeddings.word_embeddings."),
+    ("ift.embeddings.position.", _BERT + "embeddings.position_embeddings."),
+    ("ift.embeddings.norm.", _BERT + "embeddings.LayerNorm."),
+]
+_LAYER = [
+    ("fourier_norm.", "fourier.output.LayerNorm."),
+    ("cross_attn.query.", "crossattention.self.query."),
+    ("cross_attn.key.", "crossattention.self.key."),
+    ("cross_attn.value.", "crossattention.self.value."),
+    ("cross_attn.out.", "crossattention.output.dense."),
+    ("cross_attn.norm.", "crossattention.output.LayerNorm."),
+    ("text_ffn.up.", "intermediate.dense."),
+    ("text_ffn.down.", "output.dense."),
+    ("text_ffn.norm.", "output.LayerNorm."),
+    ("query_ffn.up.", "intermediate_query.dense."),
+    ("query_ffn.down.", "output_query.dense."),
+    ("query_ffn.norm.", "output_query.LayerNorm."),
+]
+_OURS_LAYER = re.compile(r"ift\.layers\.(\d+)\.(.*)")
+_THEIRS_LAYER = re.compile(re.escape(_BERT) + r"encoder\.layer\.(\d+)\.(.*)")
+
+
+def _rename(rest: str, table: list[tuple[str, str]], reverse: bool) -> str | None:
+    for ours, theirs in table:
+        src, dst = (theirs, ours) if reverse else (ours, theirs)
+        if rest == src or (src.endswith(".") and rest.startswith(src)):
+            return dst + rest[len(src) :]
+    return None
+
+
+def to_official_name(name: str) -> str | None:
+    match = _OURS_LAYER.fullmatch(name)
+    if match:
+        rest = _rename(match[2], _LAYER, reverse=False)
+        return None if rest is None else f"{_BERT}encoder.layer.{match[1]}.{rest}"
+    return _rename(name, _TOP, reverse=False)
+
+
+def from_official_name(name: str) -> str | None:
+    match = _THEIRS_LAYER.fullmatch(name)
+    if match:
+        rest = _rename(match[2], _LAYER, reverse=True)
+        return None if rest is None else f"ift.layers.{match[1]}.{rest}"
+    return _rename(name, _TOP, reverse=True)
+
+
+def from_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Authors' state dict → ours. Unknown keys (other than the dropped MLM head) are an error."""
+    converted, unknown = {}, []
+    for key, value in state.items():
+        if any(p.fullmatch(key) for p in _DROPPED):
+            continue
+        ours = from_official_name(key)
+        if ours is None:
+            unknown.append(key)
+        else:
+            converted[ours] = value
+    if unknown:
+        raise KeyError(f"official checkpoint keys with no counterpart in BITA: {sorted(unknown)}")
+    if not converted:
+        raise ValueError("official checkpoint: no key matched the BITA layout")
+    return converted
+
+
+def to_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our checkpoint state dict → the authors' layout (BITA's own parts only: the frozen tower
+    and LM are not in their files). Any other key is an error."""
+    converted, unknown = {}, []
+    for key, value in state.items():
+        theirs = to_official_name(key)
+        if theirs is None:
+            unknown.append(key)
+        else:
+            converted[theirs] = value
+    if unknown:
+        raise KeyError(f"keys with no counterpart in the official layout: {sorted(unknown)}")
+    return converted
+
+
+def read_official(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `model` state dict of a LAVIS `.pth` (or a bare state dict), read weights-only."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: expected a LAVIS checkpoint with a 'model' state dict")
+    return dict(state)

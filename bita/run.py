@@ -1,0 +1,79 @@
+"""`python -m bita.run [group=option ...] [key=value ...]`: compose, seed, run the stage(s).
+
+The only module that uses Hydra's app machinery; everything it calls takes plain config.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from bita.engine.distributed import init_distributed, strip_launcher_args
+from bita.stages.pipeline import run_stages
+from bita.tracking import Tracker
+
+log = logging.getLogger("bita.run")
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def format_results(results) -> str:
+    """A plain-text table of every stage's final metrics (0–1 scale, as computed)."""
+    rows = [(name, r.metrics) for name, r in results if r.metrics]
+    if not rows:
+        return ""
+    keys = [
+        k
+        for k in ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "S_m")
+        if any(k in m for _, m in rows)
+    ]
+    lines = ["stage      " + "".join(f"{k:>9}" for k in keys)]
+    for name, metrics in rows:
+        cells = "".join(
+            f"{metrics[k]:>9.3f}" if isinstance(metrics.get(k), float) else f"{'n/a':>9}"
+            for k in keys
+        )
+        lines.append(f"{name:<11}{cells}")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    dist = init_distributed(cfg.hardware.accelerator)
+    seed_everything(int(cfg.seed), dist.rank)
+    tracker = Tracker.start(
+        cfg,
+        run_dir=run_dir,
+        overrides=list(hydra_cfg.overrides.task),
+        sweep_dir=Path(hydra_cfg.sweep.dir) if hydra_cfg.mode.name == "MULTIRUN" else None,
+        enabled=dist.rank == 0,
+    )
+    try:
+        results = run_stages(cfg, run_dir, dist, tracker)
+    finally:
+        tracker.finish()
+    if dist.rank == 0:
+        table = format_results(results)
+        if table:
+            print(table)
+        print(f"run folder: {run_dir}")
+        print(tracker.where_to_look())
+
+
+if __name__ == "__main__":
+    sys.argv = strip_launcher_args(sys.argv)
+    main()

@@ -1,0 +1,100 @@
+"""Pieces every training recipe shares: building the model, its data stream, its trainer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from safetensors.torch import load_file
+
+from bita.data import stream, transforms
+from bita.engine.trainer import Trainer
+from bita.models.build import build_model
+from bita.models.trainable import set_trainable
+from bita.stages.context import StageContext
+
+log = logging.getLogger(__name__)
+
+
+def model_config(ctx: StageContext) -> DictConfig:
+    """The config the model is built from: without the LM when the stage does not use it."""
+    cfg = OmegaConf.create(OmegaConf.to_container(ctx.cfg, resolve=True))
+    if not ctx.cfg.stage.get("uses_llm", True):
+        with open_dict(cfg):
+            cfg.llm = None
+    return cfg
+
+
+def build_stage_model(ctx: StageContext) -> torch.nn.Module:
+    """Build the model for this stage, start it from `init_from` and set what trains."""
+    model = build_model(model_config(ctx))
+    if ctx.cfg.init_from:
+        weights = Path(ctx.cfg.init_from) / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"init_from={ctx.cfg.init_from}: no model.safetensors there "
+                "(expected a checkpoint folder such as runs/NAME/pretrain1/checkpoints/last)"
+            )
+        report = model.load_checkpoint_state_dict(load_file(str(weights)))
+        log.info(
+            "stage %s: started from %s (%d tensors loaded, %d left as built)",
+            ctx.name,
+            ctx.cfg.init_from,
+            len(report.loaded),
+            len(report.missing),
+        )
+    names = set_trainable(model, list(ctx.cfg.stage.trainable))
+    log.info("stage %s: %d trainable tensors", ctx.name, len(names))
+    return model
+
+
+def image_caption_batches(
+    ctx: StageContext, model: torch.nn.Module, micro_batch_size: int
+) -> Callable[[int, int], Iterable[dict]]:
+    """This rank's (augmented image, caption) micro-batches of one epoch, after a skip."""
+    pre = model.preprocess
+    transform = transforms.train_transform(pre.size, pre.mean, pre.std)
+
+    def make(epoch: int, skip_batches: int) -> Iterable[dict]:
+        return stream.train_batches(
+            ctx.cfg.dataset,
+            split=ctx.cfg.stage.split,
+            batch_size=micro_batch_size,
+            transform=transform,
+            num_workers=ctx.cfg.hardware.num_workers,
+            seed=ctx.cfg.seed,
+            epoch=epoch,
+            skip_batches=skip_batches,
+            rank=ctx.dist.rank,
+            world_size=ctx.dist.world_size,
+        )
+
+    return make
+
+
+def make_trainer(ctx: StageContext, model: torch.nn.Module, flops_per_sample: float) -> Trainer:
+    """The DeepSpeed trainer for this stage, writing checkpoints under the stage folder."""
+    return Trainer(
+        model,
+        hardware=ctx.cfg.hardware,
+        optim=ctx.cfg.optim,
+        train=ctx.cfg.train,
+        run_dir=ctx.stage_dir,
+        tracker=ctx.tracker,
+        dist=ctx.dist,
+        config=ctx.cfg,
+        flops_per_sample=flops_per_sample,
+        metric_prefix=f"{ctx.name}/",
+    )
+
+
+def steps_per_epoch(ctx: StageContext) -> int:
+    """Optimizer steps in one epoch: every caption once, `train.global_batch_size` per step."""
+    return stream.steps_per_epoch(
+        ctx.cfg.dataset,
+        split=ctx.cfg.stage.split,
+        global_batch_size=ctx.cfg.train.global_batch_size,
+    )

@@ -1,0 +1,17 @@
+"""Score a checkpoint on one split of the configured dataset (results, captions, gallery)."""
+
+from __future__ import annotations
+
+from bita.engine.checkpoint import load_model
+from bita.stages.context import StageContext, StageResult
+from bita.stages.scoring import score_split
+
+
+def run(ctx: StageContext) -> StageResult:
+    if not ctx.cfg.init_from:
+        raise ValueError(
+            "stage=evaluate needs the checkpoint to score: init_from=RUN_DIR/STAGE/checkpoints/best"
+        )
+    model, _ = load_model(ctx.cfg.init_from)
+    metrics = score_split(ctx, model, ctx.cfg.eval.split, str(ctx.cfg.init_from), ctx.stage_dir)
+    return StageResult(checkpoint=None, metrics=metrics)

@@ -1,0 +1,50 @@
+"""Decode and score one split: shared by the evaluate stage and fine-tune validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bita.data import stream, transforms
+from bita.eval.evaluate import evaluate
+from bita.stages.context import StageContext
+
+
+def score_split(
+    ctx: StageContext,
+    model: torch.nn.Module,
+    split: str,
+    checkpoint: str | None,
+    out_dir: Path,
+    step: int = 0,
+) -> dict:
+    """Beam-search captions for every image of `split` and return its COCO metrics."""
+    pre = model.preprocess
+    batches = stream.eval_batches(
+        ctx.cfg.dataset,
+        split=split,
+        batch_size=ctx.cfg.decode.batch_size,
+        transform=transforms.eval_transform(pre.size, pre.mean, pre.std),
+        num_workers=ctx.cfg.hardware.num_workers,
+        rank=ctx.dist.rank,
+        world_size=ctx.dist.world_size,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate(
+            model,
+            batches,
+            decode=ctx.cfg.decode,
+            out_dir=out_dir,
+            dataset=ctx.cfg.dataset.eval_source,
+            split=split,
+            checkpoint=checkpoint,
+            gallery_size=ctx.cfg.eval.gallery_size,
+            tracker=ctx.tracker,
+            spice_dir=ctx.cfg.paths.spice,
+            step=step,
+        )
+    finally:
+        model.train(was_training)

@@ -1,0 +1,104 @@
+import json
+import tarfile
+
+import pytest
+
+import bita.data.shards as shards_module
+from bita.data.annotations import read_annotations
+from bita.data.shards import make_shards, read_manifest
+
+from .conftest import jpeg_bytes, load_tool, shard_dataset, write_karpathy
+
+make_shards_cli = load_tool("make_shards").main
+
+
+def members(path):
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def tree_bytes(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_manifest_counts_skips_and_lists_unusable_captions(toy):
+    train = toy["manifest"]["splits"]["train"]
+    assert train["images"] == 12 and train["captions"] == 12 * 3 - 1
+    assert [s["images"] for s in train["shards"]] == [4, 4, 4]
+    reasons = {s["image_id"]: s["reason"] for s in train["skipped"]}
+    assert reasons["3"].startswith("missing") and reasons["4"].startswith("unreadable")
+    assert "toy.4.jpg" in reasons["4"]
+    assert train["unusable_captions"] == [{"key": "toy_2", "index": 2, "raw": " ."}]
+    assert toy["manifest"]["splits"]["val"]["images"] == 7
+    assert read_manifest(toy["root"], "toy") == toy["manifest"]
+
+
+def test_samples_hold_dot_free_keys_kept_jpeg_png_for_tiff_and_the_record(toy):
+    files = members(toy["root"] / "toy" / "train" / "toy-train-00000.tar")
+    assert sorted(files) == [
+        "toy_0.jpg",
+        "toy_0.json",
+        "toy_1.json",
+        "toy_1.png",
+        "toy_2.jpg",
+        "toy_2.json",
+        "toy_5.jpg",
+        "toy_5.json",
+    ]
+    assert files["toy_0.jpg"] == jpeg_bytes(0)
+    assert files["toy_1.png"].startswith(b"\x89PNG")
+    record = json.loads(files["toy_0.json"])
+    assert record["filename"] == "toy.0.jpg" and record["scene"] == "class0"
+    assert record["captions"][0] == "A Scene 0 with Trees ."
+
+
+def test_two_runs_write_identical_bytes_and_rerun_replaces(tmp_path):
+    first = shard_dataset(tmp_path / "a", "toy", 6, 2, shard_size=3)
+    shard_dataset(tmp_path / "b", "toy", 6, 2, shard_size=3)
+    assert tree_bytes(tmp_path / "a" / "shards") == tree_bytes(tmp_path / "b" / "shards")
+    again = shard_dataset(tmp_path / "a", "toy", 6, 2, shard_size=3)
+    assert again == first
+    assert [p.name for p in (tmp_path / "a" / "shards").iterdir()] == ["toy"]
+
+
+def test_killed_run_leaves_previous_shards_and_no_staging(tmp_path, monkeypatch):
+    shard_dataset(tmp_path, "toy", 6, 2, shard_size=3)
+    before = tree_bytes(tmp_path / "shards")
+    calls = []
+
+    def dies_midway(path):
+        calls.append(path)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return "jpg", path.read_bytes()
+
+    monkeypatch.setattr(shards_module, "encode_for_shard", dies_midway)
+    records = read_annotations(tmp_path / "raw" / "dataset_toy.json", "toy")
+    with pytest.raises(KeyboardInterrupt):
+        make_shards(
+            records,
+            images_dir=tmp_path / "raw" / "images",
+            out_dir=tmp_path / "shards",
+            dataset="toy",
+            shard_size=3,
+            progress=False,
+        )
+    assert tree_bytes(tmp_path / "shards") == before
+    assert [p.name for p in (tmp_path / "shards").iterdir()] == ["toy"]
+
+
+def test_cli_writes_a_per_class_sample(tmp_path, capsys):
+    annotations = write_karpathy(tmp_path, "toy", 8, 4)
+    argv = ["--dataset", "ucm", "--annotations", str(annotations), "--images"]
+    argv += [str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--quiet"]
+    assert make_shards_cli([*argv, "--per-class", "train=1", "--per-class", "val=1"]) == 0
+    manifest = read_manifest(tmp_path / "out", "ucm")
+    assert {k: v["images"] for k, v in manifest["splits"].items()} == {"train": 2, "val": 2}
+    assert "ucm/train: 2 images, 6 captions" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--per-class 'dev=1'"):
+        make_shards_cli([*argv, "--per-class", "dev=1"])
+
+
+def test_missing_manifest_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tools/make_shards.py --dataset nwpu"):
+        read_manifest(tmp_path, "nwpu")

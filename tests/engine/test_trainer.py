@@ -1,0 +1,163 @@
+"""The training loop: bad steps, logging cadence, best-checkpoint selection, and the
+multi-process paths (SIGKILL + resume, two ranks under torchrun)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from engine_toy import run_toy
+from safetensors.torch import load_file
+
+from bita.engine.checkpoint import model_state
+from bita.engine.distributed import free_port
+from bita.engine.trainer import NonFiniteLossError
+
+TOY = Path(__file__).with_name("engine_toy.py")
+
+
+class Recorder:
+    """Stands in for bita.tracking.Tracker."""
+
+    def __init__(self):
+        self.calls = []
+
+    def log_metrics(self, metrics, *, step):
+        self.calls.append((step, dict(metrics)))
+
+
+def _state(run_dir: Path) -> dict:
+    return json.loads((run_dir / "checkpoints/last/trainer_state.json").read_text())
+
+
+def test_non_finite_loss_skips_step_then_stops(dist, tmp_path):
+    # Accumulation 2, 8 micro-batches per epoch; (epoch, index) pairs are poisoned.
+    poison = frozenset({(0, 4), (0, 5), (1, 1)})
+    _, result = run_toy(tmp_path / "ok", dist, poison=frozenset({(0, 4), (0, 5)}), epochs=2)
+    assert result.bad_steps == 2
+    assert result.step == 7  # one optimizer step's worth of data skipped, nothing else
+    for value in load_file(str(tmp_path / "ok/checkpoints/last/model.safetensors")).values():
+        assert torch.isfinite(value).all()
+
+    with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses.*max_bad_steps=2"):
+        run_toy(tmp_path / "bad", dist, poison=poison, epochs=2, save_every_steps=1)
+    state = _state(tmp_path / "bad")
+    assert (state["step"], state["epoch"], state["bad_steps"]) == (3, 1, 2)  # last good save
+    for value in load_file(str(tmp_path / "bad/checkpoints/last/model.safetensors")).values():
+        assert torch.isfinite(value).all()
+
+
+def test_logs_metrics_and_keeps_best_epoch(dist, tmp_path):
+    tracker = Recorder()
+    scores = {
+        0: {"val/CIDEr": 0.5, "val/Bleu_4": 0.2},
+        1: {"val/CIDEr": 0.3, "val/Bleu_4": 0.1},
+        2: {"val/CIDEr": 0.9, "val/Bleu_4": 0.1},
+    }
+    best_seen = []
+
+    def on_epoch_end(epoch):
+        best_seen.append(epoch)
+        return scores[epoch]
+
+    _, result = run_toy(
+        tmp_path,
+        dist,
+        tracker=tracker,
+        on_epoch_end=on_epoch_end,
+        select_metric="val/CIDEr+val/Bleu_4",
+        epochs=3,
+        log_every=3,
+    )
+    train_steps = [step for step, m in tracker.calls if "train/loss" in m]
+    assert train_steps == [3, 6, 9, 12]
+    first = next(m for _, m in tracker.calls if "train/loss" in m)
+    assert {"train/loss", "train/mae", "train/lr", "train/samples_per_s", "train/bad_steps"} <= set(
+        first
+    )
+    assert "train/mfu" not in first  # CPU: no peak FLOPs
+    assert result.best_metric == pytest.approx(1.0)
+    best = json.loads((result.best / "trainer_state.json").read_text())
+    assert (best["step"], best["epoch"]) == (12, 3)
+    assert best_seen == [0, 1, 2]
+
+
+def test_max_steps_overrides_epochs(dist, tmp_path):
+    _, result = run_toy(tmp_path, dist, epochs=1, max_steps=6)
+    assert (result.step, result.epoch) == (6, 1)
+    assert _state(tmp_path)["batch_in_epoch"] == 4
+    assert _state(tmp_path)["scheduler"]["lr_lambdas"][0]["total"] == 6
+
+
+def _toy_cmd(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(TOY), str(run_dir), "--epochs", "3", *extra]
+
+
+def _final(run_dir: Path, rank: int = 0) -> dict:
+    return json.loads((run_dir / f"final.rank{rank}.json").read_text())
+
+
+def _env() -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def test_sigkill_then_resume_gives_same_weights(dist, tmp_path):
+    cut_dir = tmp_path / "cut"
+    victim = subprocess.Popen(
+        _toy_cmd(cut_dir, "--sleep", "0.05"), env=_env(), stderr=subprocess.DEVNULL
+    )
+    state_file = cut_dir / "checkpoints/last/trainer_state.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and victim.poll() is None:
+        if state_file.exists() and json.loads(state_file.read_text())["step"] >= 3:
+            break
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = json.loads(state_file.read_text())["step"]
+    assert not (cut_dir / "final.rank0.json").exists()
+    # Resume and the uninterrupted reference run here (same seed, one thread, like the CLI).
+    resumed, result = run_toy(cut_dir, dist, epochs=3, save_every_steps=1)
+    reference, _ = run_toy(tmp_path / "full", dist, epochs=3, save_every_steps=1)
+    assert 3 <= killed_at < result.step == 12
+    expected = model_state(reference.model)
+    for name, value in model_state(resumed.model).items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_two_processes_on_gloo_agree(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(TOY),
+        str(tmp_path),
+        "--zero",
+        "2",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+    ]
+    subprocess.run(cmd, env=_env(), check=True, stderr=subprocess.DEVNULL, timeout=180)
+    ranks = [_final(tmp_path, r) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["pid"] != ranks[1]["pid"]
+    assert ranks[0]["step"] == ranks[1]["step"] == 2
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    last = tmp_path / "checkpoints/last"
+    assert (last / "optimizer.rank0.pt").exists() and (last / "optimizer.rank1.pt").exists()

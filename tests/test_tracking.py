@@ -1,0 +1,114 @@
+"""MLflow tracking: SQLite store, params once, resume reuses the run, sweeps nest, and an
+unreachable store never stops a run."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+from omegaconf import OmegaConf
+
+from bita.tracking import Tracker, flatten
+
+CONFIG = {"optim": {"lr": 1e-4, "betas": [0.9, 0.999]}, "train": {"max_steps": None}, "name": "x"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One database for the module (creating its tables takes seconds); tests use their own
+    experiment. Absolute, because MLflow caches stores by URI."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def test_flatten_resolves_and_dots_keys():
+    cfg = OmegaConf.create({"a": {"b": 1, "c": "${a.b}"}, "l": [1, 2]})
+    assert flatten(cfg) == {"a.b": "1", "a.c": "1", "l": "[1, 2]"}
+
+
+def test_run_params_metrics_artifacts_and_resume(store, tmp_path):
+    run_dir = tmp_path / "runs" / "demo"
+    tracker = Tracker(uri=store, experiment="t")
+    run_id = tracker.start_run(run_dir, run_name="demo", config=CONFIG, tags={"overrides": "x=1"})
+    tracker.log_metrics({"train/loss": 1.5, "note": "text"}, step=3)
+    (tmp_path / "results.json").write_text("{}")
+    tracker.log_artifact(tmp_path / "results.json", "results")
+    tracker.finish()
+
+    resumed = Tracker(uri=store, experiment="t")
+    with pytest.warns(RuntimeWarning, match=r"keeps its first values.*optim.lr"):
+        again = resumed.start_run(
+            run_dir, run_name="demo", config={**CONFIG, "optim": {"lr": 2e-4}}
+        )
+    assert again == run_id
+    resumed.log_metrics({"train/loss": 1.0}, step=4)
+    resumed.finish()
+
+    run = _client(store).get_run(run_id)
+    assert run.data.params["optim.lr"] == "0.0001" and run.data.params["name"] == "x"
+    assert run.data.tags["overrides"] == "x=1" and run.info.status == "FINISHED"
+    history = _client(store).get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(3, 1.5), (4, 1.0)]
+    assert "note" not in run.data.metrics
+    artifacts = [a.path for a in _client(store).list_artifacts(run_id, "results")]
+    assert artifacts == ["results/results.json"]
+    artifact_root = _client(store).get_experiment_by_name("t").artifact_location
+    assert artifact_root.endswith("/mlartifacts")  # beside the database, not in the cwd
+
+
+def test_sweep_is_one_parent_with_children(store, tmp_path):
+    cfg = OmegaConf.create({**CONFIG, "tracking": {"uri": store, "experiment": "sweep"}})
+    sweep = tmp_path / "runs/x/sweep"
+    children = []
+    for job in ("optim.lr=1", "optim.lr=2"):
+        tracker = Tracker.start(
+            cfg, run_dir=sweep / job, overrides=[job, "experiment=tiny"], sweep_dir=sweep
+        )
+        children.append(tracker)
+        tracker.finish()
+    client = _client(store)
+    parent = children[0].parent_run_id
+    assert parent is not None and children[1].parent_run_id == parent
+    assert client.get_run(parent).info.status == "FINISHED"
+    for tracker, lr in zip(children, ("1", "2"), strict=True):
+        run = client.get_run(tracker.run_id)
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert run.data.tags["override.optim.lr"] == lr
+        assert run.data.params["optim.lr"] == "0.0001"
+        assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["config.yaml"]
+        assert tracker.run_id in tracker.where_to_look()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "http"])
+def test_unreachable_store_warns_once_and_continues(kind, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    uri = f"sqlite:///{blocker}/mlflow.db" if kind == "sqlite" else "http://127.0.0.1:9"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    tracker = Tracker(uri=uri, experiment="t")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert tracker.start_run(tmp_path / "run", run_name="r", config=CONFIG) is None
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.log_artifact(blocker)
+        assert tracker.sweep_parent("s", run_name="s") is None
+        tracker.finish()
+    messages = [str(w.message) for w in caught if "unreachable" in str(w.message)]
+    assert len(messages) == 1 and "run continues without tracking" in messages[0]
+    assert not tracker.enabled
+
+
+def test_only_rank_zero_tracks(tmp_path):
+    tracker = Tracker(uri=f"sqlite:///{tmp_path}/mlflow.db", rank=1)
+    assert tracker.start_run(tmp_path, run_name="r", config=CONFIG) is None
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_import_stays_light():
+    code = "import sys, bita.tracking; assert 'mlflow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

