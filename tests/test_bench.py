@@ -4,6 +4,7 @@ BLIP-2 is built at our sizes (paper scale checked on the meta device, no compute
 import importlib.util
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,25 @@ def test_flops_estimate_is_the_models_own(bench, paper_models):
     theirs_flops = bench.lm_step_flops(bench.their_flop_shape(theirs, shape))
     # same tower and LM; BLIP-2 cross-attends every second layer but self-attends the queries
     assert 0.9 < theirs_flops / ours.flops_per_sample("lm") < 1.1
+
+
+def test_gpu_precision_path_runs_at_tiny_size(bench, monkeypatch):
+    """The paper preset's precision (hardware=gpu: fp32 trainable parts, frozen tower and LM in
+    bf16, bf16 autocast) through both stacks, on the CPU at tiny sizes: dtype mismatches show
+    here rather than on a scarce GPU lease."""
+    tiny = bench.PRESETS["tiny"]
+    mixed = replace(
+        tiny,
+        groups={**tiny.groups, "hardware": "gpu"},
+        overrides=("encoder.dtype=bf16", "llm.dtype=bf16"),
+    )
+    monkeypatch.setitem(bench.PRESETS, "tiny_mixed", mixed)
+    batch = {"pretrain1": 2, "pretrain2": 2, "caption": 2}
+    settings = bench.Settings("tiny_mixed", torch.device("cpu"), batch, 0, 1, 2, 989.0)
+
+    result = bench.run(settings)
+
+    assert "errors" not in result, result.get("errors")
+    assert result["precision"] == "float32+autocast:bfloat16"
+    assert set(result["ours"]) == {"pretrain1", "pretrain2", "caption"}
+    assert set(result["theirs"]) == {"pretrain2", "caption"}

@@ -653,25 +653,35 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run(
-    preset_name: str,
-    device: torch.device,
-    batch: dict[str, int],
-    warmup: int,
-    iters: int,
-    new_tokens: int,
-    peak_tflops: float,
-) -> dict[str, Any]:
-    preset = PRESETS[preset_name]
+@dataclass(frozen=True)
+class Settings:
+    """One benchmark run as asked on the command line."""
+
+    preset_name: str
+    device: torch.device
+    batch: dict[str, int]
+    warmup: int
+    iters: int
+    new_tokens: int
+    peak_tflops: float
+
+    @property
+    def preset(self) -> Preset:
+        return PRESETS[self.preset_name]
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    """Build, time and report every phase; see the module docstring."""
+    device, batch, new_tokens = settings.device, settings.batch, settings.new_tokens
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     load_before = os.getloadavg()[0]
-    bench = Bench(device, warmup, iters)
+    bench = Bench(device, settings.warmup, settings.iters)
     flops: dict[str, dict[str, float]] = {"ours": {}, "theirs": {}}
     with tempfile.TemporaryDirectory(prefix="bita-bench-") as tmp:
-        cfg = compose_config(preset, bench_tokenizers(Path(tmp)))
+        cfg = compose_config(settings.preset, bench_tokenizers(Path(tmp)))
         precision = Precision.from_cfg(cfg.hardware)
 
         ours = build_ours(cfg, device, precision, with_llm=False)
@@ -720,53 +730,35 @@ def run(
         del ours, theirs
         release(device)
 
-    result = report(
-        preset_name,
-        preset,
-        device,
-        precision,
-        batch,
-        warmup,
-        iters,
-        new_tokens,
-        bench,
-        flops,
-        peak_tflops,
-        lm_tokens=lm_batch[0].shape[1],
-    )
+    result = report(settings, precision, bench, flops, lm_tokens=lm_batch[0].shape[1])
     result["cpu_load_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return result
 
 
 def report(
-    preset_name: str,
-    preset: Preset,
-    device: torch.device,
+    settings: Settings,
     precision: Precision,
-    batch: dict[str, int],
-    warmup: int,
-    iters: int,
-    new_tokens: int,
     bench: Bench,
     flops: dict[str, dict[str, float]],
-    peak_tflops: float,
     lm_tokens: int,
 ) -> dict[str, Any]:
+    """The JSON result: images/s per side and phase, ratios, FLOPs, MFU on CUDA, targets."""
+    device, preset = settings.device, settings.preset
     ours, theirs = bench.rates["ours"], bench.rates["theirs"]
     ratio = {p: ours[p] / theirs[p] for p in PHASES if p in ours and p in theirs}
     result: dict[str, Any] = {
         "bench": "bita",
-        "preset": preset_name,
+        "preset": settings.preset_name,
         "device": device.type,
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
         "precision": precision.name,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "warmup": warmup,
-        "iters": iters,
-        "batch": batch,
-        "new_tokens": new_tokens,
+        "warmup": settings.warmup,
+        "iters": settings.iters,
+        "batch": settings.batch,
+        "new_tokens": settings.new_tokens,
         "lm_text_tokens": lm_tokens,
         "ours": _rounded(ours),
         "theirs": _rounded(theirs),
@@ -776,8 +768,8 @@ def report(
         },
     }
     if device.type == "cuda":
-        peak = peak_tflops * 1e12
-        result["peak_tflops"] = peak_tflops
+        peak = settings.peak_tflops * 1e12
+        result["peak_tflops"] = settings.peak_tflops
         result["mfu"] = {
             side: _rounded({p: flops[side][p] * rate / peak for p, rate in rates.items()}, 4)
             for side, rates in bench.rates.items()
@@ -901,16 +893,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench: --device cuda asked for, but torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
-    batch = {p: args.batch or preset.batch[p] for p in PHASES}
-    result = run(
-        args.preset,
-        device,
-        batch,
-        preset.warmup if args.warmup is None else args.warmup,
-        args.iters or preset.iters,
-        args.new_tokens,
-        args.peak_tflops,
+    settings = Settings(
+        preset_name=args.preset,
+        device=device,
+        batch={p: args.batch or preset.batch[p] for p in PHASES},
+        warmup=preset.warmup if args.warmup is None else args.warmup,
+        iters=args.iters or preset.iters,
+        new_tokens=args.new_tokens,
+        peak_tflops=args.peak_tflops,
     )
+    result = run(settings)
     print(table(result))
     line = json.dumps(result, sort_keys=False)
     if args.json:

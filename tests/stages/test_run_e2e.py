@@ -1,0 +1,84 @@
+"""`python -m bita.run` as a user types it: single stages, resume, sweeps, the tiny pipeline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def bita_run(cwd: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bita.run", *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"bita.run {overrides} failed:\n{result.stderr[-4000:]}")
+    return result
+
+
+def trainer_step(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+
+
+def test_pretrain1_leaves_a_resumable_checkpoint(tmp_path):
+    args = ("experiment=tiny", "stage=pretrain1", "dataset=demo", "train.max_steps=3")
+    bita_run(tmp_path, *args)
+    run_dir = tmp_path / "runs/tiny/dataset=demo,stage=pretrain1,train.max_steps=3"
+    last = run_dir / "pretrain1/checkpoints/last"
+    assert trainer_step(last) == 3
+    assert {"config.yaml", "model.safetensors", "trainer_state.json"} <= {
+        p.name for p in last.iterdir()
+    }
+    # the same command again resumes in the same run folder instead of starting over
+    again = bita_run(tmp_path, *args[:-1], "train.max_steps=5")
+    assert "resumed from" in again.stderr + again.stdout or trainer_step(last) == 5
+
+
+def test_sweep_is_one_parent_with_a_child_per_job(tmp_path):
+    bita_run(
+        tmp_path,
+        "-m",
+        "experiment=tiny",
+        "stage=pretrain1",
+        "dataset=demo",
+        "train.max_steps=2",
+        "optim.lr=1e-4,2e-4",
+    )
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("bita").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.data.params["optim.lr"] for c in children) == ["0.0001", "0.0002"]
+
+
+def test_bad_override_fails_before_any_work(tmp_path):
+    result = bita_run(tmp_path, "encoder=resnet50", check=False)
+    assert result.returncode != 0
+    assert "clip_vit_l14" in result.stderr and "effnet_lite0" in result.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_runs_every_stage_to_a_metrics_table(tmp_path):
+    result = bita_run(tmp_path, "experiment=tiny")
+    run_dir = tmp_path / "runs/tiny"
+    for stage in ("lm", "pretrain1", "pretrain2", "finetune"):
+        assert (run_dir / stage).is_dir(), stage
+    results = run_dir / "evaluate/results"
+    metrics = json.loads((results / "rsicd_val.json").read_text())
+    assert (results / "rsicd_val_captions.json").is_file()
+    assert (results / "rsicd_val_gallery.html").is_file()
+    assert "CIDEr" in result.stdout and "mlflow ui" in result.stdout
+    assert metrics["counts"]["images"] == 31
