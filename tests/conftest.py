@@ -4,6 +4,8 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,3 +21,44 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "rsicd" / "dataset_rsicd.json").exists():
         pytest.skip(f"real data not found at {SHARED_DATA} (set BITA_SHARED_DATA)")
     return SHARED_DATA
+
+
+CAPTIONS = [
+    "many cars are parked in a parking lot near a building",
+    "a river runs through green fields and some trees",
+    "an airport with two planes and a long runway",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random BITA saved by the engine's checkpoint writer, as a run would leave it."""
+    from bita.engine.checkpoint import TrainState, save_checkpoint
+    from bita.engine.distributed import DistInfo
+    from bita.models.build import build_model
+    from bita.models.llm import train_caption_tokenizer
+
+    conf = REPO_ROOT / "conf"
+    root = tmp_path_factory.mktemp("run")
+    config = OmegaConf.load(conf / "config.yaml")
+    cfg = OmegaConf.create(
+        {
+            **{part: OmegaConf.load(conf / part / "tiny.yaml") for part in ("encoder", "qformer")},
+            "llm": OmegaConf.load(conf / "llm" / "tiny.yaml"),
+            "model": config.model,
+            "decode": {**config.decode, "num_beams": 2, "max_new_tokens": 6, "min_new_tokens": 2},
+        }
+    )
+    cfg.llm.tokenizer = str(train_caption_tokenizer(CAPTIONS * 4, 300, root / "tokenizer"))
+    model = build_model(cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return save_checkpoint(
+        root / "checkpoints" / "best",
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=TrainState(),
+        config=cfg,
+        dist=DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")),
+    )

@@ -9,16 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from bita.caption import Captioner, _as_rgb, build_parser, expand_inputs, main
 from bita.data.images import load_image
-from bita.engine.checkpoint import TrainState, save_checkpoint
-from bita.engine.distributed import DistInfo
-from bita.models.build import build_model
-from bita.models.llm import train_caption_tokenizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CAPTIONS = [
@@ -28,32 +22,9 @@ CAPTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A tiny random BITA saved by the engine's checkpoint writer, as a run would leave it."""
-    root = tmp_path_factory.mktemp("run")
-    config = OmegaConf.load(CONF / "config.yaml")
-    cfg = OmegaConf.create(
-        {
-            **{part: OmegaConf.load(CONF / part / "tiny.yaml") for part in ("encoder", "qformer")},
-            "llm": OmegaConf.load(CONF / "llm" / "tiny.yaml"),
-            "model": config.model,
-            "decode": {**config.decode, "num_beams": 2, "max_new_tokens": 6, "min_new_tokens": 2},
-        }
-    )
-    cfg.llm.tokenizer = str(train_caption_tokenizer(CAPTIONS * 4, 300, root / "tokenizer"))
-    model = build_model(cfg)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return save_checkpoint(
-        root / "checkpoints" / "best",
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        state=TrainState(),
-        config=cfg,
-        dist=DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")),
-    )
+@pytest.fixture
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture

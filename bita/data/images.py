@@ -42,6 +42,9 @@ def load_image(source: str | Path | bytes, *, name: str | None = None) -> Image.
 
 def _decode(data: bytes, label: str) -> Image.Image:
     is_tiff = data[:4] in _TIFF_MAGICS
+    if is_tiff and _tiff_is_wide(data):
+        # PIL opens 16-bit RGB(A) TIFFs too, but keeps only each sample's high byte
+        return _tiff_to_rgb(data, label)
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
@@ -59,6 +62,15 @@ def _pil_to_rgb(image: Image.Image, label: str) -> Image.Image:
     if image.mode in ("P", "PA"):
         image = image.convert("RGBA")
     return image.convert("RGB")
+
+
+def _tiff_is_wide(data: bytes) -> bool:
+    """True when the first image's samples are wider than 8 bits (or not integers)."""
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            return tif.pages[0].dtype != np.uint8
+    except Exception:
+        return False
 
 
 def _tiff_to_rgb(data: bytes, label: str) -> Image.Image:

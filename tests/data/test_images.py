@@ -1,4 +1,5 @@
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -77,3 +78,15 @@ def test_encode_for_shard_keeps_jpeg_and_converts_tiff_to_lossless_png(tmp_path)
     extension, data = encode_for_shard(tmp_path / "b.tif")
     assert extension == "png" and data.startswith(b"\x89PNG")
     assert np.array_equal(np.asarray(load_image(data)), np.asarray(load_image(tmp_path / "b.tif")))
+
+
+@pytest.mark.parametrize("bands", [3, 4])
+def test_sixteen_bit_rgb_tiff_is_stretched_not_truncated(tmp_path, bands):
+    """PIL reads 16-bit RGB(A) TIFFs but keeps only the high byte: 12-bit data came out black."""
+    path = tmp_path / f"rgb{bands}.tif"
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(path, rng.integers(0, 4096, (40, 50, bands), dtype=np.uint16))
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        pixels = np.asarray(load_image(path))
+    assert pixels.shape == (40, 50, 3) and pixels.max() == 255 and pixels.mean() > 100

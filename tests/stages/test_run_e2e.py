@@ -1,27 +1,11 @@
 """`python -m bita.run` as a user types it: single stages, resume, sweeps, the tiny pipeline."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-
-def bita_run(cwd: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "bita.run", *overrides],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"bita.run {overrides} failed:\n{result.stderr[-4000:]}")
-    return result
+from .runner import bita_run
 
 
 def trainer_step(checkpoint: Path) -> int:

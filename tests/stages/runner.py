@@ -1,0 +1,21 @@
+"""Run `python -m bita.run` in a subprocess, as a user types it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def bita_run(cwd: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bita.run", *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"bita.run {overrides} failed:\n{result.stderr[-4000:]}")
+    return result
