@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from bita.engine.distributed import init_distributed, strip_launcher_args
+from bita.eval.tables import metrics_table
 from bita.stages.pipeline import run_stages
 from bita.tracking import Tracker
 
@@ -30,23 +31,9 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 def format_results(results) -> str:
-    """A plain-text table of every stage's final metrics (0–1 scale, as computed)."""
-    rows = [(name, r.metrics) for name, r in results if r.metrics]
-    if not rows:
-        return ""
-    keys = [
-        k
-        for k in ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "S_m")
-        if any(k in m for _, m in rows)
-    ]
-    lines = ["stage      " + "".join(f"{k:>9}" for k in keys)]
-    for name, metrics in rows:
-        cells = "".join(
-            f"{metrics[k]:>9.3f}" if isinstance(metrics.get(k), float) else f"{'n/a':>9}"
-            for k in keys
-        )
-        lines.append(f"{name:<11}{cells}")
-    return "\n".join(lines)
+    """The final metrics of every stage that scored captions, as one table."""
+    rows = {f"{name}: {r.scored_split}": r.metrics for name, r in results if r.metrics}
+    return metrics_table(rows) if rows else ""
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -55,8 +55,8 @@ class TrainState:
 # ---------------------------------------------------------------- model weights
 
 
-def _gathered(model: nn.Module, zero_stage: int, modifier_rank: int | None):
-    """ZeRO-3 partitions parameters; gather them around whole-model reads/writes."""
+def gathered_parameters(model: nn.Module, zero_stage: int, modifier_rank: int | None = None):
+    """ZeRO-3 partitions parameters; gather them around whole-model reads, writes and decoding."""
     if zero_stage != 3:
         return contextlib.nullcontext()
     import deepspeed
@@ -66,7 +66,7 @@ def _gathered(model: nn.Module, zero_stage: int, modifier_rank: int | None):
 
 def model_state(model: nn.Module, zero_stage: int = 0) -> dict[str, torch.Tensor]:
     """CPU copies of what the model says belongs in a checkpoint (collective under ZeRO-3)."""
-    with _gathered(model, zero_stage, None):
+    with gathered_parameters(model, zero_stage, None):
         if hasattr(model, "checkpoint_state_dict"):
             state = model.checkpoint_state_dict()
         else:
@@ -79,7 +79,7 @@ def load_model_state(
 ) -> Any:
     """Load weights through the model's own checked loader (strict `load_state_dict` otherwise)."""
     scalars: list[nn.Parameter] = []
-    with _gathered(model, zero_stage, 0):
+    with gathered_parameters(model, zero_stage, 0):
         if hasattr(model, "load_checkpoint_state_dict"):
             report = model.load_checkpoint_state_dict(dict(state))
         else:

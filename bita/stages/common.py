@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_file
 
-from bita.data import stream, transforms
+from bita.data import features, stream, transforms
 from bita.engine.trainer import Trainer
 from bita.models.build import build_model
 from bita.models.trainable import set_trainable
@@ -51,19 +51,32 @@ def build_stage_model(ctx: StageContext) -> torch.nn.Module:
     return model
 
 
+def feature_cache(ctx: StageContext, model: torch.nn.Module) -> features.FeatureCache | None:
+    """The configured frozen-feature cache, checked against this model's tower (None: images)."""
+    return features.open_cache(
+        ctx.cfg.get("features"), ctx.cfg.dataset, ctx.cfg.encoder, model.encoder
+    )
+
+
 def image_caption_batches(
     ctx: StageContext, model: torch.nn.Module, micro_batch_size: int
 ) -> Callable[[int, int], Iterable[dict]]:
-    """This rank's (augmented image, caption) micro-batches of one epoch, after a skip."""
-    pre = model.preprocess
-    transform = transforms.train_transform(pre.size, pre.mean, pre.std)
+    """This rank's (augmented image or cached features, caption) micro-batches of one epoch,
+    after a skip."""
+    cache = feature_cache(ctx, model)
+    if cache:
+        shards = cache.train_shards(ctx.cfg.dataset, ctx.cfg.stage.split)
+    else:
+        pre = model.preprocess
+        transform = transforms.train_transform(pre.size, pre.mean, pre.std)
+        shards = stream.image_shards(ctx.cfg.dataset, transform)
 
     def make(epoch: int, skip_batches: int) -> Iterable[dict]:
         return stream.train_batches(
             ctx.cfg.dataset,
             split=ctx.cfg.stage.split,
             batch_size=micro_batch_size,
-            transform=transform,
+            shards=shards,
             num_workers=ctx.cfg.hardware.num_workers,
             seed=ctx.cfg.seed,
             epoch=epoch,
@@ -97,4 +110,5 @@ def steps_per_epoch(ctx: StageContext) -> int:
         ctx.cfg.dataset,
         split=ctx.cfg.stage.split,
         global_batch_size=ctx.cfg.train.global_batch_size,
+        shards=features.manifest_shards(ctx.cfg.get("features")),
     )

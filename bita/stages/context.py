@@ -34,3 +34,4 @@ class StageResult:
     checkpoint: Path | None = None
     config_overrides: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    scored_split: str | None = None  # the split `metrics` were measured on

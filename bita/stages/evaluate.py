@@ -12,6 +12,6 @@ def run(ctx: StageContext) -> StageResult:
         raise ValueError(
             "stage=evaluate needs the checkpoint to score: init_from=RUN_DIR/STAGE/checkpoints/best"
         )
-    model, _ = load_model(ctx.cfg.init_from)
+    model, _ = load_model(ctx.cfg.init_from, device=ctx.dist.device)
     metrics = score_split(ctx, model, ctx.cfg.eval.split, str(ctx.cfg.init_from), ctx.stage_dir)
-    return StageResult(checkpoint=None, metrics=metrics)
+    return StageResult(metrics=metrics, scored_split=ctx.cfg.eval.split)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from bita.engine.checkpoint import load_model
+from bita.engine.checkpoint import gathered_parameters, load_model
 from bita.stages.common import (
     build_stage_model,
     image_caption_batches,
@@ -16,21 +16,15 @@ from bita.stages.pretrain2 import lm_objective
 from bita.stages.scoring import score_split
 
 
-def selection_score(metrics: dict, keys: list[str]) -> float:
-    """The sum the paper selects checkpoints by (CIDEr + BLEU-4 by default)."""
-    return float(sum(metrics[k] for k in keys))
-
-
 def run(ctx: StageContext) -> StageResult:
     model = build_stage_model(ctx)
     trainer = make_trainer(ctx, model, model.flops_per_sample("lm"))
-    keys = list(ctx.cfg.stage.select_metric)
     val_split = ctx.cfg.dataset.val_split
 
     def validate(epoch: int) -> dict[str, float]:
         out_dir = ctx.stage_dir / "validation" / f"epoch_{epoch:03d}"
-        metrics = score_split(ctx, model, val_split, None, out_dir, step=epoch)
-        return {**metrics, "select": selection_score(metrics, keys)}
+        with gathered_parameters(model, trainer.zero_stage):
+            return score_split(ctx, model, val_split, None, out_dir, step=epoch)
 
     trainer.fit(
         image_caption_batches(ctx, model, trainer.micro_batch_size),
@@ -38,13 +32,11 @@ def run(ctx: StageContext) -> StageResult:
         steps_per_epoch=steps_per_epoch(ctx),
         epochs=ctx.cfg.train.epochs,
         on_epoch_end=validate,
-        select_metric="select",
+        select_metric=ctx.cfg.stage.select_metric,
     )
     best = trainer.best_checkpoint_dir or trainer.last_checkpoint_dir
-    metrics = {}
-    if ctx.cfg.stage.final_eval_split:
-        best_model, _ = load_model(best)
-        metrics = score_split(
-            ctx, best_model, ctx.cfg.stage.final_eval_split, str(best), ctx.stage_dir
-        )
-    return StageResult(checkpoint=best, metrics=metrics)
+    metrics, final_split = {}, ctx.cfg.stage.final_eval_split
+    if final_split:
+        best_model, _ = load_model(best, device=ctx.dist.device)
+        metrics = score_split(ctx, best_model, final_split, str(best), ctx.stage_dir)
+    return StageResult(checkpoint=best, metrics=metrics, scored_split=final_split)
