@@ -20,7 +20,7 @@ from torch import nn
 
 from bita.models.encoders import FrozenImageEncoder, ImagePreprocess
 from bita.models.ift import IFT
-from bita.models.llm import PrefixLM
+from bita.models.llm import PrefixLM, to_device
 from bita.models.losses import contrastive_loss
 
 # BITA's own parts: always in its checkpoint (small, trained by this project)
@@ -129,8 +129,10 @@ class BITA(nn.Module):
             truncation=True,
             max_length=self.settings.max_text_tokens,
             return_tensors="pt",
-        ).to(image_tokens.device)
-        cls = self.ift.encode_text(text.input_ids, text.attention_mask)[:, 0]
+        )
+        device = image_tokens.device
+        ids, mask = to_device(text.input_ids, device), to_device(text.attention_mask, device)
+        cls = self.ift.encode_text(ids, mask)[:, 0]
         text_feats = F.normalize(self.text_proj(cls), dim=-1)
         low, high = self.settings.temp_range
         temp = self.temp.clamp(low, high)

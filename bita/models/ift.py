@@ -9,7 +9,7 @@ BERT self-attention and cross-attends every `cross_attention_every` layers, for 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -61,6 +61,37 @@ def fourier_mix(x: torch.Tensor) -> torch.Tensor:
     with torch.autocast(device_type=x.device.type, enabled=False):
         x32 = x.float()
         return x32 + torch.fft.fft2(x32, dim=(-2, -1)).real
+
+
+class _CastCopy(torch.autograd.Function):
+    """`cast` (a copy of `source` in another dtype) in the forward; the gradient goes to `source`
+    in its own dtype, as autocast's own cast would send it."""
+
+    @staticmethod
+    def forward(ctx, source: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = source.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.to(ctx.dtype), None
+
+
+def cast_once_for_autocast(image: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A function giving the image tokens for each cross-attention layer, cast once.
+
+    Under autocast every layer's key and value projections would cast the same fp32 tokens
+    [B, N, encoder_width] to the autocast dtype again (autocast caches the casts of leaf tensors
+    that require grad, i.e. parameters, not of activations). The copy is made once here; each
+    layer's gradient is cast back to `image`'s dtype and the layers' gradients are summed
+    there, as with autocast's own casts. Outside autocast (fp32 on CPU) the tokens pass
+    unchanged."""
+    device = image.device.type
+    dtype = torch.get_autocast_dtype(device)
+    if not torch.is_autocast_enabled(device) or image.dtype in (dtype, torch.float64):
+        return lambda: image
+    cast = image.detach().to(dtype)
+    return lambda: _CastCopy.apply(image, cast)
 
 
 class Attention(nn.Module):
@@ -181,8 +212,9 @@ class IFT(nn.Module):
     def encode_queries(self, queries: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """queries [B, Q, H], image tokens [B, N, encoder_width] → [B, Q, H]."""
         x = self.embeddings.queries(queries)
+        image_for_layer = cast_once_for_autocast(image)
         for layer in self.layers:
-            x = layer.forward_queries(x, image)
+            x = layer.forward_queries(x, image_for_layer())
         return x
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

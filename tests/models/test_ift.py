@@ -71,6 +71,50 @@ def test_text_path_ignores_the_image_and_query_path_sees_it():
     assert not torch.allclose(ift.encode_queries(queries, a), ift.encode_queries(queries, b))
 
 
+def _key_inputs(ift: IFT, queries: torch.Tensor, image: torch.Tensor):
+    """The query path's output and the tensors every cross-attention key projection was given."""
+    seen = []
+    hooks = [
+        layer.cross_attn.key.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+        for layer in ift.layers
+    ]
+    out = ift.encode_queries(queries, image)
+    for hook in hooks:
+        hook.remove()
+    return out, seen
+
+
+def _layer_by_layer(ift: IFT, queries: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    x = ift.embeddings.queries(queries)
+    for layer in ift.layers:
+        x = layer.forward_queries(x, image)
+    return x
+
+
+def test_image_tokens_are_cast_once_under_autocast_with_the_same_results():
+    torch.manual_seed(0)
+    ift = _ift(dropout=0.0)
+    queries, source = torch.randn(2, 4, 32), torch.randn(2, 5, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, seen = _key_inputs(ift, queries, source * 2)  # a non-leaf, as ln_vision's output
+        expected = _layer_by_layer(ift, queries, source * 2)
+    assert len({t.data_ptr() for t in seen}) == 1 and seen[0].dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+    (grad,) = torch.autograd.grad(out.float().square().sum(), source)
+    (expected_grad,) = torch.autograd.grad(expected.float().square().sum(), source)
+    assert grad.dtype == torch.float32
+    scale = expected_grad.abs().max()
+    torch.testing.assert_close(grad, expected_grad, rtol=2e-2, atol=1e-2 * scale)
+
+
+def test_image_tokens_pass_unchanged_in_fp32():
+    ift = _ift().eval()
+    queries, image = torch.randn(2, 4, 32), torch.randn(2, 5, 24)
+    out, seen = _key_inputs(ift, queries, image)
+    assert all(t is image for t in seen)
+    assert torch.equal(out, _layer_by_layer(ift, queries, image))
+
+
 @pytest.fixture
 def bert_folder(tmp_path, caption_tokenizer):
     """A locally built tiny BERT with the MiniLM tokenizer (real vocab), as a user's folder."""

@@ -54,6 +54,33 @@ def test_prefix_loss_counts_only_caption_tokens(lm):
     torch.testing.assert_close(logits2[:, :-1][keep], logits[:, :-1][keep])
 
 
+def test_prefix_loss_and_gradient_match_transformers_loss_over_full_logits(lm):
+    """Logits only on labelled positions must give the loss and gradients of the LM's own loss
+    over every position (prefix, bos, prompt and padding masked out with -100)."""
+    captions, prompt = ["many cars", "a river runs through green fields", "boats"], "a photo of "
+    prefix = torch.randn(3, 4, lm.hidden_size, requires_grad=True)
+    loss = lm.prefix_loss(prefix, captions, prompt)
+    (grad,) = torch.autograd.grad(loss, prefix)
+
+    ids, mask, labels = lm.tokenize_captions(captions, prompt, 32)
+    inputs = torch.cat([prefix, lm.model.get_input_embeddings()(ids)], 1)
+    reference = lm.model(
+        inputs_embeds=inputs,
+        attention_mask=torch.cat([torch.ones(3, 4, dtype=torch.long), mask], 1),
+        labels=torch.cat([torch.full((3, 4), IGNORE_INDEX), labels], 1),
+    ).loss
+    (reference_grad,) = torch.autograd.grad(reference, prefix)
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(grad, reference_grad)
+
+
+def test_caption_loss_matches_transformers_loss(lm):
+    captions = ["many cars", "a river runs through green fields"]
+    ids, mask, labels = lm.tokenize_captions(captions, "", 32)
+    reference = lm.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(lm.caption_loss(captions), reference)
+
+
 def test_beam_search_with_one_beam_equals_greedy(lm):
     torch.manual_seed(1)
     prefix = torch.randn(2, 3, lm.hidden_size)
