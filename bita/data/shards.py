@@ -30,7 +30,8 @@ from bita.data.images import ImageError, encode_for_shard
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "bita-shards/1"
-_TAR_META = {"mtime": 0, "user": "bita", "group": "bita", "mode": 0o444}
+# deterministic tar headers: same input, same bytes
+TAR_META = {"mtime": 0, "user": "bita", "group": "bita", "mode": 0o444}
 
 
 def sample_key(record: CaptionRecord) -> str:
@@ -70,7 +71,7 @@ def make_shards(
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         staging.chmod(0o755)
-        _replace(staging, out_dir / dataset)
+        replace_folder(staging, out_dir / dataset)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -95,7 +96,7 @@ def _write_split(
     for index, chunk in enumerate(_chunks(samples, shard_size)):
         name = f"{split}/{dataset}-{split}-{index:05d}.tar"
         shard = {"file": name, "images": 0, "captions": 0}
-        with wds.TarWriter(str(staging / name), encoder=False, **_TAR_META) as tar:
+        with wds.TarWriter(str(staging / name), encoder=False, **TAR_META) as tar:
             for sample, captions in chunk:
                 tar.write(sample)
                 shard["images"] += 1
@@ -150,7 +151,8 @@ def _run(first, items: Iterator, size: int) -> Iterator:
         yield item
 
 
-def _replace(staging: Path, final: Path) -> None:
+def replace_folder(staging: Path, final: Path) -> None:
+    """Put a complete ``staging`` folder at ``final``, removing what was there only after."""
     if not final.exists():
         staging.rename(final)
         return

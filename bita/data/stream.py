@@ -21,6 +21,11 @@ which keeps batch sizes and resume alignment; evaluation drops it.
 Evaluation. All ranks and workers read the split's shards in manifest order and keep every
 ``S``-th sample (``S`` = world_size × W), so each image is decoded exactly once, in a fixed
 order, however few shards there are.
+
+Shard sets. Everything above is the same for the image shards of tools/make_shards.py and for
+the feature shards of tools/cache_features.py (bita.data.features): a ``ShardSet`` says where
+the manifests are, which sample member feeds the model under which batch key, and how its bytes
+become a tensor. A set may hold several views per sample; epoch ``e`` reads view ``e % views``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import logging
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -46,7 +52,47 @@ from bita.locations import resolve_location
 log = logging.getLogger(__name__)
 
 Transform = Callable[[Any], torch.Tensor]
-_IMAGE_EXTENSIONS = ("jpg", "png")
+Decode = Callable[[str, bytes, int | None], torch.Tensor]
+IMAGE_EXTENSIONS = ("jpg", "png")
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Where a stream's shards are and what each sample gives the model.
+
+    ``views[v]`` lists the sample members that may hold view ``v`` (the first present is used);
+    ``decode(key, data, seed)`` turns its bytes into a tensor (``seed`` None: no randomness)
+    and raises ValueError on bad data.
+    """
+
+    root: str
+    read_manifest: Callable[[str | Path, str], dict]
+    field: str
+    views: tuple[tuple[str, ...], ...]
+    decode: Decode
+
+    def members(self, epoch: int) -> tuple[str, ...]:
+        """The members an epoch reads: view ``epoch % views``."""
+        return self.views[epoch % len(self.views)]
+
+
+def image_shards(dataset_cfg: Any, transform: Transform | None) -> ShardSet:
+    """The image shards of ``dataset_cfg.root``, decoded and passed through ``transform``
+    (None: only manifests and captions will be read)."""
+
+    def decode(key: str, data: bytes, seed: int | None) -> torch.Tensor:
+        picture = load_image(data, name=key)
+        return transform(picture) if seed is None else with_cpu_seed(seed, transform, picture)
+
+    root = resolve_location(str(dataset_cfg["root"]))
+    return ShardSet(root, read_manifest, "image", (IMAGE_EXTENSIONS,), decode)
+
+
+def _chosen(dataset_cfg: Any, transform: Transform | None, shards: ShardSet | None) -> ShardSet:
+    """The shard set a public function reads: image shards through ``transform``, or ``shards``."""
+    if (transform is None) == (shards is None):
+        raise ValueError("give either transform (image shards) or shards (e.g. a feature cache)")
+    return shards if shards is not None else image_shards(dataset_cfg, transform)
 
 
 @dataclass(frozen=True)
@@ -71,10 +117,10 @@ class SkipLog:
         return True
 
 
-def _split_shards(dataset_cfg: Any, source: str, split: str) -> list[Shard]:
+def _split_shards(shard_set: ShardSet, source: str, split: str) -> list[Shard]:
     """The shards of one source's split, in manifest order."""
-    root = Path(resolve_location(str(dataset_cfg["root"])))
-    manifest = read_manifest(root, source)
+    root = Path(shard_set.root)
+    manifest = shard_set.read_manifest(root, source)
     if split not in manifest["splits"] or not manifest["splits"][split]["shards"]:
         raise ValueError(
             f"{root / source}/manifest.json: split {split!r} has no shards "
@@ -90,12 +136,16 @@ def _split_shards(dataset_cfg: Any, source: str, split: str) -> list[Shard]:
     return shards
 
 
-def steps_per_epoch(dataset_cfg: Any, *, split: str, global_batch_size: int) -> int:
-    """Batches per rank per epoch: usable captions of all sources // global batch size."""
+def steps_per_epoch(
+    dataset_cfg: Any, *, split: str, global_batch_size: int, shards: ShardSet | None = None
+) -> int:
+    """Batches per rank per epoch: usable captions of all sources // global batch size (from
+    the image manifests, or from those of ``shards``)."""
+    shard_set = shards or image_shards(dataset_cfg, transform=None)
     captions = sum(
         s.captions
         for src in _sources(dataset_cfg)
-        for s in _split_shards(dataset_cfg, src["name"], split)
+        for s in _split_shards(shard_set, src["name"], split)
     )
     steps = captions // global_batch_size
     if steps < 1:
@@ -111,24 +161,30 @@ def train_batches(
     *,
     split: str,
     batch_size: int,
-    transform: Transform,
+    transform: Transform | None = None,
     num_workers: int,
     seed: int,
     epoch: int,
     skip_batches: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    shards: ShardSet | None = None,
 ) -> Iterable[dict]:
-    """This rank's training batches of one epoch (see the module docstring)."""
-    n_batches = steps_per_epoch(dataset_cfg, split=split, global_batch_size=batch_size * world_size)
+    """This rank's training batches of one epoch (see the module docstring): images through
+    ``transform``, or the ``field`` of another shard set ``shards`` (a feature cache)."""
+    shard_set = _chosen(dataset_cfg, transform, shards)
+    n_batches = steps_per_epoch(
+        dataset_cfg, split=split, global_batch_size=batch_size * world_size, shards=shard_set
+    )
     if not 0 <= skip_batches <= n_batches:
         raise ValueError(f"skip_batches={skip_batches} outside 0..{n_batches} batches per epoch")
-    shards, weights = _training_mix(dataset_cfg, split)
+    files, weights = _training_mix(dataset_cfg, shard_set, split)
     stream = _TrainStream(
-        shards=shards,
+        shards=files,
         weights=weights,
         batch_size=batch_size,
-        transform=transform,
+        shard_set=shard_set,
+        members=shard_set.members(epoch),
         n_batches=n_batches,
         skip_batches=skip_batches,
         streams=max(num_workers, 1),
@@ -143,17 +199,20 @@ def eval_batches(
     *,
     split: str,
     batch_size: int,
-    transform: Transform,
+    transform: Transform | None = None,
     num_workers: int,
     rank: int = 0,
     world_size: int = 1,
+    shards: ShardSet | None = None,
 ) -> Iterable[dict]:
-    """This rank's share of the evaluation images, each once, in a fixed order."""
+    """This rank's share of the evaluation images, each once, in a fixed order: images through
+    ``transform``, or view 0 of another shard set ``shards`` (a feature cache)."""
     source = str(dataset_cfg["eval_source"])
+    shard_set = _chosen(dataset_cfg, transform, shards)
     stream = _EvalStream(
-        shards=_split_shards(dataset_cfg, source, split),
+        shards=_split_shards(shard_set, source, split),
         batch_size=batch_size,
-        transform=transform,
+        shard_set=shard_set,
         rank=rank,
         world_size=world_size,
         streams=max(num_workers, 1),
@@ -164,8 +223,9 @@ def eval_batches(
 def caption_texts(dataset_cfg: Any, *, split: str) -> list[str]:
     """All usable cleaned captions of a split over all sources, in shard order."""
     texts: list[str] = []
+    shard_set = image_shards(dataset_cfg, transform=None)
     for source in _sources(dataset_cfg):
-        paths = [s.path for s in _split_shards(dataset_cfg, source["name"], split)]
+        paths = [s.path for s in _split_shards(shard_set, source["name"], split)]
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(paths),
             wds.tarfile_to_samples(handler=SkipLog(), select_files=lambda f: f.endswith(".json")),
@@ -190,7 +250,9 @@ def _sources(dataset_cfg: Any) -> list[dict]:
     return sources
 
 
-def _training_mix(dataset_cfg: Any, split: str) -> tuple[list[Shard], list[float]]:
+def _training_mix(
+    dataset_cfg: Any, shard_set: ShardSet, split: str
+) -> tuple[list[Shard], list[float]]:
     """All sources' shards and their draw weights (captions, scaled by the source weight)."""
     sources = _sources(dataset_cfg)
     weights = [s.get("weight") for s in sources]
@@ -201,7 +263,7 @@ def _training_mix(dataset_cfg: Any, split: str) -> tuple[list[Shard], list[float
         )
     shards, draw = [], []
     for source, weight in zip(sources, weights, strict=True):
-        own = _split_shards(dataset_cfg, source["name"], split)
+        own = _split_shards(shard_set, source["name"], split)
         total = sum(s.captions for s in own)
         scale = 1.0 if weight is None else float(weight) / total
         shards += own
@@ -214,25 +276,44 @@ def _worker() -> int:
     return 0 if info is None else info.id
 
 
-def _parse(sample: dict) -> tuple[str, bytes, dict]:
-    """(key, encoded image, record) of a raw shard sample; names the shard when incomplete."""
+def _parse(sample: dict, members: tuple[str, ...]) -> tuple[str, bytes, dict]:
+    """(key, payload, record) of a raw shard sample, the payload being the first of ``members``
+    present; names the shard when incomplete."""
     key = sample.get("__key__")
-    image = next((sample[e] for e in _IMAGE_EXTENSIONS if e in sample), None)
-    if image is None or "json" not in sample:
-        raise ValueError(f"sample {key} in {sample.get('__url__')}: needs an image and a json")
+    payload = _member(sample, members)
+    if "json" not in sample:
+        raise ValueError(f"sample {key} in {sample.get('__url__')}: needs a json")
     try:
         record = json.loads(sample["json"])
     except json.JSONDecodeError as err:
         raise ValueError(f"sample {key} in {sample.get('__url__')}: bad json: {err}") from err
-    return key, image, record
+    return key, payload, record
 
 
-def _parsed(samples: Iterator[dict], handler: SkipLog) -> Iterator[tuple[str, bytes, dict]]:
+def _member(sample: dict, names: tuple[str, ...]) -> bytes:
+    """The first of the members ``names`` a raw sample has; names the shard when it has none."""
+    data = next((sample[e] for e in names if e in sample), None)
+    if data is None:
+        raise ValueError(
+            f"sample {sample.get('__key__')} in {sample.get('__url__')}: needs one of {list(names)}"
+        )
+    return data
+
+
+def _parsed(
+    samples: Iterator[dict], handler: SkipLog, members: tuple[str, ...]
+) -> Iterator[tuple[str, bytes, dict]]:
     for sample in samples:
         try:
-            yield _parse(sample)
+            yield _parse(sample, members)
         except ValueError as err:
             handler(err)
+
+
+def _selector(members: tuple[str, ...]) -> Callable[[str], bool]:
+    """Read only the json and ``members`` of each sample (a feature sample holds all views)."""
+    suffixes = tuple(f".{m}" for m in ("json", *members))
+    return lambda name: name.endswith(suffixes)
 
 
 class _TrainStream(IterableDataset):
@@ -242,7 +323,8 @@ class _TrainStream(IterableDataset):
         shards: list[Shard],
         weights: list[float],
         batch_size: int,
-        transform: Transform,
+        shard_set: ShardSet,
+        members: tuple[str, ...],
         n_batches: int,
         skip_batches: int,
         streams: int,
@@ -251,7 +333,7 @@ class _TrainStream(IterableDataset):
     ) -> None:
         super().__init__()
         self.shards, self.weights = shards, weights
-        self.batch_size, self.transform = batch_size, transform
+        self.batch_size, self.shard_set, self.members = batch_size, shard_set, members
         self.n_batches, self.skip_batches, self.streams = n_batches, skip_batches, streams
         self.name, self.buffer = name, buffer
         self.skips = SkipLog()
@@ -265,8 +347,8 @@ class _TrainStream(IterableDataset):
         name = f"{self.name}/{self.streams}/{first % self.streams}"
         pipeline = wds.DataPipeline(
             lambda: self._resampled(random.Random(f"shards/{name}")),
-            wds.tarfile_to_samples(handler=self.skips),
-            lambda samples: self._pairs(_parsed(samples, self.skips)),
+            wds.tarfile_to_samples(handler=self.skips, select_files=_selector(self.members)),
+            lambda samples: self._pairs(_parsed(samples, self.skips, self.members)),
             wds.shuffle(self.buffer, self.buffer, rng=random.Random(f"shuffle/{name}")),
             lambda pairs: self._seeded(pairs, random.Random(f"augment/{name}")),
             wds.batched(self.batch_size, collation_fn=None, partial=False),
@@ -293,23 +375,22 @@ class _TrainStream(IterableDataset):
 
     def _decode_batch(self, batch: list[tuple[str, bytes, str, int]]) -> dict:
         decoded = [self._augment(*pair) for pair in batch]
-        good = [i for i, image in enumerate(decoded) if image is not None]
+        good = [i for i, tensor in enumerate(decoded) if tensor is not None]
         if not good:
-            raise RuntimeError(f"every image of a batch failed to decode: {[p[0] for p in batch]}")
+            raise RuntimeError(f"every sample of a batch failed to decode: {[p[0] for p in batch]}")
         slots = [i if decoded[i] is not None else good[i % len(good)] for i in range(len(batch))]
         return {
-            "image": default_collate([decoded[i] for i in slots]),
+            self.shard_set.field: default_collate([decoded[i] for i in slots]),
             "caption": [batch[i][2] for i in slots],
             "image_id": [batch[i][0] for i in slots],
         }
 
-    def _augment(self, key: str, image: bytes, caption: str, seed: int) -> torch.Tensor | None:
+    def _augment(self, key: str, data: bytes, caption: str, seed: int) -> torch.Tensor | None:
         try:
-            picture = load_image(image, name=key)
+            return self.shard_set.decode(key, data, seed)
         except ValueError as err:
             self.skips(err)
             return None
-        return _with_cpu_seed(seed, self.transform, picture)
 
 
 class _EvalStream(IterableDataset):
@@ -318,13 +399,14 @@ class _EvalStream(IterableDataset):
         *,
         shards: list[Shard],
         batch_size: int,
-        transform: Transform,
+        shard_set: ShardSet,
         rank: int,
         world_size: int,
         streams: int,
     ) -> None:
         super().__init__()
-        self.shards, self.batch_size, self.transform = shards, batch_size, transform
+        self.shards, self.batch_size, self.shard_set = shards, batch_size, shard_set
+        self.members = shard_set.members(0)
         self.rank, self.world_size, self.streams = rank, world_size, streams
         self.skips = SkipLog()
 
@@ -332,18 +414,25 @@ class _EvalStream(IterableDataset):
         slot = self.rank * self.streams + _worker()
         pipeline = wds.DataPipeline(
             wds.SimpleShardList([s.path for s in self.shards]),
-            wds.tarfile_to_samples(handler=self.skips),
+            wds.tarfile_to_samples(
+                handler=self.skips, select_files=_selector((*self.members, *IMAGE_EXTENSIONS))
+            ),
             lambda samples: islice(samples, slot, None, self.world_size * self.streams),
-            lambda samples: _parsed(samples, self.skips),
             wds.map(self._decode, handler=self.skips),
-            wds.batched(self.batch_size, collation_fn=_collate_eval, partial=True),
+            wds.batched(
+                self.batch_size,
+                collation_fn=partial(_collate_eval, field=self.shard_set.field),
+                partial=True,
+            ),
         )
         return iter(pipeline)
 
-    def _decode(self, parsed: tuple[str, bytes, dict]) -> dict:
-        key, image, record = parsed
+    def _decode(self, sample: dict) -> dict:
+        """Model input, references, and the encoded image (galleries show it)."""
+        key, data, record = _parse(sample, self.members)
+        image = _member(sample, IMAGE_EXTENSIONS)
         return {
-            "image": self.transform(load_image(image, name=key)),
+            self.shard_set.field: self.shard_set.decode(key, data, None),
             "image_id": key,
             "filename": record["filename"],
             "references": usable_captions(record["captions"]),
@@ -352,7 +441,7 @@ class _EvalStream(IterableDataset):
         }
 
 
-def _with_cpu_seed(seed: int, function: Callable, *args: Any) -> Any:
+def with_cpu_seed(seed: int, function: Callable, *args: Any) -> Any:
     """``function(*args)`` with torch's CPU generator seeded, then restored.
 
     The generator is driven directly: ``torch.manual_seed`` would also seed every accelerator
@@ -367,7 +456,8 @@ def _with_cpu_seed(seed: int, function: Callable, *args: Any) -> Any:
         generator.set_state(state)
 
 
-def _collate_eval(samples: list[dict]) -> dict:
-    batch = {name: [s[name] for s in samples] for name in samples[0]}
-    batch["image"] = default_collate(batch["image"])
+def _collate_eval(samples: list[dict], field: str) -> dict:
+    names = [name for name in samples[0] if not name.startswith("__")]  # wds.map adds __key__
+    batch = {name: [s[name] for s in samples] for name in names}
+    batch[field] = default_collate(batch[field])
     return batch

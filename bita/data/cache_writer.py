@@ -1,0 +1,355 @@
+"""Write the frozen-feature cache (layout and fingerprint: bita.data.features).
+
+One unit of work is one image shard: DataLoader workers decode and transform its images (each
+training view under its own (key, view) seed), the main process runs the tower in batches under
+``torch.inference_mode`` and writes the tokens as float16 into feature shards of at most
+``max_shard_images`` samples and ``max_shard_mb`` MB, so ViT-L/14 tokens (~0.5 MB a view) stay
+in shards of bounded size and are never gathered in memory.
+
+Runs are atomic and resumable: units go to ``<root>/.<source>.partial-<hash>/`` (the hash
+covers the fingerprint, the image manifest and ``dataset.train_split``), each finished unit
+leaves a ``.done.json`` record, a rerun skips finished units, and the folder replaces
+``<root>/<source>`` only when every split is complete. A cache whose fingerprint, image
+manifest and training split match is left as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from bita.data.captions import usable_captions
+from bita.data.features import (
+    FORMAT,
+    cache_transforms,
+    encode_features,
+    fingerprint,
+    fingerprint_settings,
+    view_member,
+    view_seed,
+)
+from bita.data.images import load_image
+from bita.data.shards import MANIFEST, TAR_META, read_manifest, replace_folder
+from bita.data.stream import IMAGE_EXTENSIONS, SkipLog, with_cpu_seed
+from bita.locations import resolve_location
+from bita.models.encoders import FrozenImageEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """How a cache is written (none of this changes the tokens, so none is fingerprinted)."""
+
+    views: int = 1
+    batch_size: int = 64  # tower inputs (images × views) per forward pass
+    num_workers: int = 0
+    max_shard_images: int = 1000
+    max_shard_mb: float = 512.0
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One image shard of a split and where its feature shards go."""
+
+    split: str
+    role: str  # "train": `views` augmented views; "eval": one eval view + the encoded image
+    path: str  # the image shard
+    file: str  # its name in the image manifest: "<split>/<name>.tar"
+
+    @property
+    def stem(self) -> str:
+        return self.file.removesuffix(".tar")
+
+
+def cache_features(
+    dataset_cfg: Any,
+    encoder_cfg: Mapping[str, Any],
+    tower: FrozenImageEncoder,
+    out_root: str | Path,
+    options: CacheOptions,
+) -> dict[str, dict]:
+    """Cache every split of every source of ``dataset_cfg``; returns the manifests by source."""
+    settings = fingerprint_settings(encoder_cfg, tower, options.views)
+    sources = {s["name"] for s in dataset_cfg["sources"]} | {str(dataset_cfg["eval_source"])}
+    return {
+        source: _cache_source(dataset_cfg, source, settings, tower, Path(out_root), options)
+        for source in sorted(sources)
+    }
+
+
+def _cache_source(
+    dataset_cfg: Any,
+    source: str,
+    settings: dict,
+    tower: FrozenImageEncoder,
+    out_root: Path,
+    options: CacheOptions,
+) -> dict:
+    image_root = Path(resolve_location(str(dataset_cfg["root"])))
+    image_manifest = read_manifest(image_root, source)
+    source_sha = hashlib.sha256((image_root / source / MANIFEST).read_bytes()).hexdigest()
+    final = out_root / source
+    current = _existing_manifest(final)
+    key, train_split = fingerprint(settings), str(dataset_cfg["train_split"])
+    made_from = {"source_manifest_sha256": source_sha, "train_split": train_split}
+    if current.get("fingerprint") == key and all(current.get(k) == v for k, v in made_from.items()):
+        log.info("%s: up to date (fingerprint %s)", final, key)
+        return current
+    staging = out_root / f".{source}.partial-{_hash(key, source_sha, train_split)}"
+    units = [
+        _Unit(split, _role(dataset_cfg, split), str(image_root / source / s["file"]), s["file"])
+        for split, entry in image_manifest["splits"].items()
+        for s in entry["shards"]
+    ]
+    for split in image_manifest["splits"]:
+        (staging / split).mkdir(parents=True, exist_ok=True)
+    pending = [u for u in units if not _done_path(staging, u).is_file()]
+    if len(pending) < len(units):
+        log.info(
+            "%s: resuming, %d of %d image shards done",
+            staging,
+            len(units) - len(pending),
+            len(units),
+        )
+    _run_units(pending, image_manifest, source, tower, staging, options)
+    manifest = {
+        "format": FORMAT,
+        "dataset": source,
+        "fingerprint": key,
+        "settings": settings,
+        **made_from,
+        "max_shard_images": options.max_shard_images,
+        "max_shard_mb": options.max_shard_mb,
+        "splits": {
+            split: _split_entry(staging, [u for u in units if u.split == split], options.views)
+            for split in image_manifest["splits"]
+        },
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    replace_folder(staging, final)
+    return manifest
+
+
+def _role(dataset_cfg: Any, split: str) -> str:
+    return "train" if split == dataset_cfg["train_split"] else "eval"
+
+
+def _hash(*parts: str) -> str:
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:16]
+
+
+def _existing_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _done_path(staging: Path, unit: _Unit) -> Path:
+    return staging / f"{unit.stem}.done.json"
+
+
+def _split_entry(staging: Path, units: list[_Unit], views: int) -> dict:
+    """The manifest entry of one split, from its units' records in image-shard order."""
+    records = [json.loads(_done_path(staging, u).read_text(encoding="utf-8")) for u in units]
+    shards = [part for record in records for part in record["shards"]]
+    return {
+        "role": units[0].role,
+        "views": views if units[0].role == "train" else 1,
+        "images": sum(s["images"] for s in shards),
+        "captions": sum(s["captions"] for s in shards),
+        "shards": shards,
+        "skipped": [item for record in records for item in record["skipped"]],
+    }
+
+
+def _run_units(
+    units: list[_Unit],
+    image_manifest: dict,
+    source: str,
+    tower: FrozenImageEncoder,
+    staging: Path,
+    options: CacheOptions,
+) -> None:
+    """Encode the pending units; workers decode, this process runs the tower and writes."""
+    if not units:
+        return
+    sizes = {s["file"]: s["images"] for e in image_manifest["splits"].values() for s in e["shards"]}
+    views = _ViewImages(
+        units, cache_transforms(tower.preprocess), options.views, options.batch_size
+    )
+    loader = DataLoader(
+        views,
+        batch_size=None,
+        num_workers=options.num_workers,
+        generator=torch.Generator().manual_seed(0),
+    )
+    writers: dict[int, _UnitWriter] = {}
+    total = sum(sizes[u.file] for u in units)
+    bar = tqdm(total=total, desc=f"features {source}", unit="img", disable=not options.progress)
+    tower.to(options.device)
+    with torch.inference_mode(), bar:
+        for batch in loader:
+            unit = units[batch["unit"]]
+            writer = writers.setdefault(batch["unit"], _UnitWriter(staging, unit, options))
+            if batch["keys"]:
+                tokens = _encode(tower, batch["pixels"], options.device, batch["keys"])
+                writer.add(batch, tokens.reshape(len(batch["keys"]), -1, *tokens.shape[1:]))
+            writer.skipped += batch["skipped"]
+            bar.update(len(batch["keys"]) + len(batch["skipped"]))
+            if batch["last"]:
+                writers.pop(batch["unit"]).finish()
+
+
+def _encode(tower: FrozenImageEncoder, pixels: torch.Tensor, device: str, keys: list[str]):
+    """The tower's tokens as float16 on the CPU; refuses values float16 cannot hold."""
+    tokens = tower(pixels.to(device)).to(torch.float16).cpu()
+    if not torch.isfinite(tokens).all():
+        raise ValueError(f"tower output of {keys} overflows float16 (the cache's storage type)")
+    return tokens
+
+
+class _ViewImages(IterableDataset):
+    """Decoded, transformed views of the units' images, in batches that never span units.
+
+    Worker ``w`` of ``W`` takes units ``w, w + W, …``; each unit's batches come in order and
+    the last one says so, which is all the writer needs however the workers interleave."""
+
+    def __init__(self, units: list[_Unit], transforms: dict, views: int, batch_size: int) -> None:
+        super().__init__()
+        self.units, self.transforms = units, transforms
+        self.views, self.batch_size = views, batch_size
+        self.skips = SkipLog()
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for index in range(worker, len(self.units), workers):
+            yield from self._unit_batches(index)
+
+    def _unit_batches(self, index: int) -> Iterator[dict]:
+        unit = self.units[index]
+        samples = wds.DataPipeline(
+            wds.SimpleShardList([unit.path]), wds.tarfile_to_samples(handler=self.skips)
+        )
+        views = self.views if unit.role == "train" else 1
+        per_batch = max(1, self.batch_size // views)  # tower inputs are images x views
+        batch = self._empty(index)
+        for sample in samples:
+            self._add(batch, sample, unit.role)
+            if len(batch["keys"]) == per_batch:
+                yield self._finished(batch, last=False)
+                batch = self._empty(index)
+        yield self._finished(batch, last=True)
+
+    @staticmethod
+    def _empty(index: int) -> dict:
+        return {"unit": index, "keys": [], "json": [], "images": [], "pixels": [], "skipped": []}
+
+    def _add(self, batch: dict, sample: dict, role: str) -> None:
+        key = sample["__key__"]
+        extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        try:
+            if extension is None or "json" not in sample:
+                raise ValueError(
+                    f"sample {key} in {sample.get('__url__')}: needs an image and json"
+                )
+            picture = load_image(sample[extension], name=key)
+            pixels = self._views(key, picture, role)
+        except ValueError as err:
+            self.skips(err)
+            batch["skipped"].append({"key": key, "reason": str(err)})
+            return
+        batch["keys"].append(key)
+        batch["json"].append(sample["json"])
+        batch["images"].append((extension, sample[extension]) if role == "eval" else None)
+        batch["pixels"] += pixels
+
+    def _views(self, key: str, picture: Any, role: str) -> list[torch.Tensor]:
+        if role == "eval":
+            return [self.transforms["eval"](picture)]
+        train = self.transforms["train"]
+        return [with_cpu_seed(view_seed(key, v), train, picture) for v in range(self.views)]
+
+    @staticmethod
+    def _finished(batch: dict, last: bool) -> dict:
+        pixels = torch.stack(batch["pixels"]) if batch["pixels"] else torch.empty(0)
+        return {**batch, "pixels": pixels, "last": last}
+
+
+def _tar_bytes(data: bytes) -> int:
+    """Space a member takes in a tar: a 512-byte header and its data padded to 512 bytes."""
+    return 512 + -(-len(data) // 512) * 512
+
+
+class _UnitWriter:
+    """The feature shards of one image shard: parts ``<stem>-NNN.tar`` within the size limits,
+    each written under a temporary name and renamed when complete, then a ``.done.json``."""
+
+    def __init__(self, staging: Path, unit: _Unit, options: CacheOptions) -> None:
+        self.staging, self.unit = staging, unit
+        self.max_images, self.max_bytes = options.max_shard_images, options.max_shard_mb * 1e6
+        self.parts: list[dict] = []
+        self.skipped: list[dict] = []
+        self.tar: wds.TarWriter | None = None
+        self.bytes = 0
+
+    def add(self, batch: dict, tokens: torch.Tensor) -> None:
+        """Write each image's views ([images, views, tokens, width] float16)."""
+        for i, key in enumerate(batch["keys"]):
+            sample = {"__key__": key, "json": batch["json"][i]}
+            sample |= {view_member(v): encode_features(t) for v, t in enumerate(tokens[i])}
+            if batch["images"][i] is not None:
+                extension, data = batch["images"][i]
+                sample[extension] = data
+            size = sum(_tar_bytes(v) for k, v in sample.items() if k != "__key__")
+            self._make_room(size)
+            self.tar.write(sample)
+            self.bytes += size
+            part = self.parts[-1]
+            part["images"] += 1
+            part["captions"] += len(usable_captions(json.loads(batch["json"][i])["captions"]))
+
+    def _make_room(self, size: int) -> None:
+        full = self.tar is not None and (
+            self.parts[-1]["images"] >= self.max_images or self.bytes + size > self.max_bytes
+        )
+        if self.tar is None or full:
+            self._close_part()
+            name = f"{self.unit.stem}-{len(self.parts):03d}.tar"
+            self.parts.append({"file": name, "images": 0, "captions": 0})
+            self.tar = wds.TarWriter(str(self._temporary(name)), encoder=False, **TAR_META)
+            self.bytes = 0
+
+    def _temporary(self, name: str) -> Path:
+        path = self.staging / name
+        return path.with_name(f".{path.name}.tmp")
+
+    def _close_part(self) -> None:
+        if self.tar is None:
+            return
+        self.tar.close()
+        name = self.parts[-1]["file"]
+        os.replace(self._temporary(name), self.staging / name)
+        self.tar = None
+
+    def finish(self) -> None:
+        """Close the last part and record the unit as done (atomically)."""
+        self._close_part()
+        done = _done_path(self.staging, self.unit)
+        record = {"source_shard": self.unit.file, "shards": self.parts, "skipped": self.skipped}
+        temporary = done.with_name(f".{done.name}.tmp")
+        temporary.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        os.replace(temporary, done)

@@ -1,0 +1,110 @@
+r"""Run the frozen image tower once over a shard set and write its frozen-feature cache.
+
+    python tools/cache_features.py encoder=effnet_lite0 dataset=rsicd \
+        paths.shards=/tmp/bita_shards features.root=/tmp/bita_features features.views=2
+
+Takes the overrides of `python -m bita.run` (composed from conf/ the same way), so the cache's
+fingerprint matches the runs given the same encoder and features settings; then train with
+`python -m bita.run ... features.root=/tmp/bita_features features.views=2`. Writes
+<features.root>/<source>/<split>/*.tar and <features.root>/<source>/manifest.json for every
+source of the dataset (layout and format: bita.data.features). Reruns skip finished image
+shards; an up-to-date cache is left as is. The tower runs on CUDA when hardware.accelerator is
+cuda (or auto with a GPU visible), decoding uses hardware.num_workers workers.
+
+A tower with random or project-trained weights (encoder.in_checkpoint=true) matches a run only
+with the same weights: pass init_from=CHECKPOINT_DIR to take the tower from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from safetensors.torch import load_file
+
+from bita.data.cache_writer import CacheOptions, cache_features
+from bita.locations import resolve_location
+from bita.models.encoders import FrozenImageEncoder, build_image_encoder
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The root config as `python -m bita.run OVERRIDES` composes it."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def pick_device(accelerator: str) -> str:
+    """cuda or cpu from hardware.accelerator (cpu | cuda | auto)."""
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("hardware.accelerator=cuda but no CUDA device is visible")
+    if accelerator not in ("cpu", "cuda", "auto"):
+        raise SystemExit(f"hardware.accelerator={accelerator!r}: expected cpu, cuda or auto")
+    return "cuda" if accelerator != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def build_tower(cfg: DictConfig) -> FrozenImageEncoder:
+    """The configured tower, with its weights from `init_from` when that checkpoint has them."""
+    torch.manual_seed(int(cfg.seed))
+    tower = build_image_encoder(cfg.encoder)
+    if cfg.get("init_from"):
+        path = Path(cfg.init_from) / "model.safetensors"
+        if not path.is_file():
+            raise SystemExit(f"init_from={cfg.init_from}: no model.safetensors there")
+        state = {
+            k[len("encoder.") :]: v
+            for k, v in load_file(str(path)).items()
+            if k.startswith("encoder.")
+        }
+        if state:
+            tower.load_state_dict(state, strict=True)
+    return tower
+
+
+def options_from(cfg: DictConfig) -> CacheOptions:
+    features = cfg.features
+    return CacheOptions(
+        views=int(features.views),
+        batch_size=int(features.batch_size),
+        num_workers=int(cfg.hardware.num_workers),
+        max_shard_images=int(features.max_shard_images),
+        max_shard_mb=float(features.max_shard_mb),
+        device=pick_device(str(cfg.hardware.accelerator)),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = compose_config(argv)
+    if not cfg.features.root:
+        raise SystemExit("features.root=FOLDER is required: where the cache is written")
+    root = Path(resolve_location(str(cfg.features.root)))
+    options = options_from(cfg)
+    start = time.perf_counter()
+    manifests = cache_features(cfg.dataset, cfg.encoder, build_tower(cfg), root, options)
+    seconds = time.perf_counter() - start
+    for source, manifest in manifests.items():
+        for split, entry in manifest["splits"].items():
+            size = sum((root / source / s["file"]).stat().st_size for s in entry["shards"])
+            print(
+                f"{source}/{split}: {entry['images']} images x {entry['views']} views "
+                f"({entry['role']}), {entry['captions']} captions, {len(entry['shards'])} "
+                f"shards, {size / 1e6:.1f} MB, {len(entry['skipped'])} skipped"
+            )
+        print(f"{root / source / 'manifest.json'}: fingerprint {manifest['fingerprint']}")
+    print(f"done in {seconds:.1f} s on {options.device}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
