@@ -89,12 +89,22 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def caption_images(model, images: torch.Tensor, settings: DecodeSettings) -> list[str]:
-    """Captions for one batch of normalised images [B,3,H,W] (no grad, eval mode)."""
-    tokens = model.image_tokens(images=images.to(model_device(model)))
+def caption_images(
+    model,
+    images: torch.Tensor | None,
+    settings: DecodeSettings,
+    features: torch.Tensor | None = None,
+) -> list[str]:
+    """Captions for one batch of normalised images [B,3,H,W], or of cached tower `features`."""
+    device = model_device(model)
+    inputs = images if features is None else features
+    tokens = model.image_tokens(
+        images=None if images is None else images.to(device),
+        features=None if features is None else features.to(device),
+    )
     captions = model.generate(tokens, **settings.generate_kwargs())
-    if len(captions) != len(images):
-        raise RuntimeError(f"model.generate returned {len(captions)} captions for {len(images)}")
+    if len(captions) != len(inputs):
+        raise RuntimeError(f"model.generate returned {len(captions)} captions for {len(inputs)}")
     return [caption.strip() for caption in captions]
 
 
@@ -111,7 +121,9 @@ def decode_batches(
     model.eval()
     try:
         for batch in batches:
-            captions = caption_images(model, batch["image"], settings)
+            captions = caption_images(
+                model, batch.get("image"), settings, features=batch.get("features")
+            )
             for index, caption in enumerate(captions):
                 yield {
                     "image_id": batch["image_id"][index],

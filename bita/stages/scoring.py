@@ -8,6 +8,7 @@ import torch
 
 from bita.data import stream, transforms
 from bita.eval.evaluate import evaluate
+from bita.stages.common import feature_cache
 from bita.stages.context import StageContext
 
 
@@ -20,12 +21,18 @@ def score_split(
     step: int = 0,
 ) -> dict:
     """Beam-search captions for every image of `split` and return its COCO metrics."""
-    pre = model.preprocess
+    cache = feature_cache(ctx, model)
+    if cache:
+        shards = cache.eval_shards(ctx.cfg.dataset, split)
+    else:
+        pre = model.preprocess
+        transform = transforms.eval_transform(pre.size, pre.mean, pre.std)
+        shards = stream.image_shards(ctx.cfg.dataset, transform)
     batches = stream.eval_batches(
         ctx.cfg.dataset,
         split=split,
         batch_size=ctx.cfg.decode.batch_size,
-        transform=transforms.eval_transform(pre.size, pre.mean, pre.std),
+        shards=shards,
         num_workers=ctx.cfg.hardware.num_workers,
         rank=ctx.dist.rank,
         world_size=ctx.dist.world_size,
