@@ -112,30 +112,22 @@ class Preset:
     reference: dict[str, float] = field(default_factory=dict)
 
 
+def cpu_preset(**groups: str) -> Preset:
+    """A CPU preset at equal sizes for both stacks; target: stage 2 at 1.5x BLIP-2's speed."""
+    return Preset(
+        groups={**groups, "hardware": "cpu"},
+        overrides=(),
+        device="cpu",
+        batch={"pretrain1": 16, "pretrain2": 16, "caption": 8},
+        warmup=1,
+        iters=3,
+        targets={"ratio.pretrain2": 1.5},
+    )
+
+
 PRESETS = {
-    "tiny": Preset(
-        groups={"encoder": "tiny", "qformer": "tiny", "llm": "tiny", "hardware": "cpu"},
-        overrides=(),
-        device="cpu",
-        batch={"pretrain1": 16, "pretrain2": 16, "caption": 8},
-        warmup=1,
-        iters=3,
-        targets={"ratio.pretrain2": 1.5},
-    ),
-    "small": Preset(
-        groups={
-            "encoder": "effnet_lite0",
-            "qformer": "ift_small",
-            "llm": "small",
-            "hardware": "cpu",
-        },
-        overrides=(),
-        device="cpu",
-        batch={"pretrain1": 16, "pretrain2": 16, "caption": 8},
-        warmup=1,
-        iters=3,
-        targets={"ratio.pretrain2": 1.5},
-    ),
+    "tiny": cpu_preset(encoder="tiny", qformer="tiny", llm="tiny"),
+    "small": cpu_preset(encoder="effnet_lite0", qformer="ift_small", llm="small"),
     "paper": Preset(
         groups={
             "encoder": "clip_vit_l14",

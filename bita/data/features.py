@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from bita.data import transforms
-from bita.data.shards import MANIFEST
+from bita.data.shards import MANIFEST, read_json_manifest
 from bita.data.stream import ShardSet, Transform
 from bita.locations import resolve_location
 
@@ -97,17 +97,13 @@ def fingerprint(settings: Mapping[str, Any]) -> str:
 
 def read_cache_manifest(root: str | Path, source: str) -> dict:
     """The manifest of ``<root>/<source>``, with a clear error when the cache is not there."""
-    path = Path(root) / source / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no feature-cache manifest; build it with `python tools/cache_features.py "
-            f"features.root={root} ...` (the same encoder/dataset overrides as the run), "
-            "or set features.root=null to read images"
-        )
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
+    return read_json_manifest(
+        Path(root) / source / MANIFEST,
+        FORMAT,
+        how_to_build=f"build the feature cache with `python tools/cache_features.py "
+        f"features.root={root} ...` (the same encoder/dataset overrides as the run), "
+        "or set features.root=null to read images",
+    )
 
 
 def decode_features(key: str, data: bytes, seed: int | None) -> torch.Tensor:

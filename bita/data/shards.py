@@ -164,14 +164,20 @@ def replace_folder(staging: Path, final: Path) -> None:
 
 def read_manifest(root: str | Path, dataset: str) -> dict:
     """The manifest of ``<root>/<dataset>``, with a clear error when the shards are not there."""
-    path = Path(root) / dataset / MANIFEST
+    return read_json_manifest(
+        Path(root) / dataset / MANIFEST,
+        MANIFEST_FORMAT,
+        how_to_build=f"build it with `python tools/make_shards.py --dataset {dataset} "
+        f"--annotations FILE --images DIR --out {root}` "
+        "(or point paths.shards / BITA_SHARDS at the folder holding it)",
+    )
+
+
+def read_json_manifest(path: Path, expected_format: str, *, how_to_build: str) -> dict:
+    """A manifest file of the expected format; a missing one says how to build it."""
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no shard manifest; build it with `python tools/make_shards.py "
-            f"--dataset {dataset} --annotations FILE --images DIR --out {root}` "
-            "(or point paths.shards / BITA_SHARDS at the folder holding it)"
-        )
+        raise FileNotFoundError(f"{path}: no manifest; {how_to_build}")
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    if manifest.get("format") != expected_format:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {expected_format!r}")
     return manifest

@@ -9,7 +9,7 @@ load silently into nothing (the authors' `strict=False` defect).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -73,17 +73,10 @@ def from_official_name(name: str) -> str | None:
 
 def from_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Authors' state dict → ours. Unknown keys (other than the dropped MLM head) are an error."""
-    converted, unknown = {}, []
-    for key, value in state.items():
-        if any(p.fullmatch(key) for p in _DROPPED):
-            continue
-        ours = from_official_name(key)
-        if ours is None:
-            unknown.append(key)
-        else:
-            converted[ours] = value
-    if unknown:
-        raise KeyError(f"official checkpoint keys with no counterpart in BITA: {sorted(unknown)}")
+    kept = {k: v for k, v in state.items() if not any(p.fullmatch(k) for p in _DROPPED)}
+    converted = _renamed(
+        kept, from_official_name, "official checkpoint keys with no counterpart in BITA"
+    )
     if not converted:
         raise ValueError("official checkpoint: no key matched the BITA layout")
     return converted
@@ -92,15 +85,22 @@ def from_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def to_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our checkpoint state dict → the authors' layout (BITA's own parts only: the frozen tower
     and LM are not in their files). Any other key is an error."""
+    return _renamed(state, to_official_name, "keys with no counterpart in the official layout")
+
+
+def _renamed(
+    state: Mapping[str, torch.Tensor], rename: Callable[[str], str | None], unknown_message: str
+) -> dict[str, torch.Tensor]:
+    """`state` under new names; keys `rename` cannot map are an error that lists them all."""
     converted, unknown = {}, []
     for key, value in state.items():
-        theirs = to_official_name(key)
-        if theirs is None:
+        new_name = rename(key)
+        if new_name is None:
             unknown.append(key)
         else:
-            converted[theirs] = value
+            converted[new_name] = value
     if unknown:
-        raise KeyError(f"keys with no counterpart in the official layout: {sorted(unknown)}")
+        raise KeyError(f"{unknown_message}: {sorted(unknown)}")
     return converted
 
 
