@@ -25,12 +25,13 @@ log = logging.getLogger("bita.run")
 
 
 def seed_everything(seed: int, rank: int) -> None:
+    """Seed every RNG, offset by rank so processes draw different augmentations."""
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed + rank)
 
 
-def format_results(results) -> str:
+def format_results(results: list) -> str:
     """The final metrics of every stage that scored captions, as one table."""
     rows = {f"{name}: {r.scored_split}": r.metrics for name, r in results if r.metrics}
     return metrics_table(rows) if rows else ""
@@ -49,10 +50,8 @@ def main(cfg: DictConfig) -> None:
         sweep_dir=Path(hydra_cfg.sweep.dir) if hydra_cfg.mode.name == "MULTIRUN" else None,
         enabled=dist.rank == 0,
     )
-    try:
+    with tracker:  # a failing stage marks the MLflow run FAILED
         results = run_stages(cfg, run_dir, dist, tracker)
-    finally:
-        tracker.finish()
     if dist.rank == 0:
         table = format_results(results)
         if table:
