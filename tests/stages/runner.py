@@ -7,7 +7,10 @@ from pathlib import Path
 
 
 def bita_run(cwd: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # a fresh single-process run: not the rendezvous of the test process that launches it
+    launcher = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     result = subprocess.run(
         [sys.executable, "-m", "bita.run", *overrides],
         cwd=cwd,
