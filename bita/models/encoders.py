@@ -116,13 +116,15 @@ def _normalises(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> bool:
 class EfficientNetTokens(nn.Module):
     """A timm EfficientNet whose last feature map [B, C, H, W] becomes H*W tokens of width C.
 
-    The net is frozen, so its BatchNorms are folded into the convolutions, and it runs in
-    channels_last: faster convolutions on CPU and GPU, and the last map [B, H, W, C] in memory
-    is already the token layout, so flattening it copies nothing."""
+    The net is frozen, so its BatchNorms are folded into the convolutions, and it runs on
+    channels_last inputs: faster convolutions on CPU and GPU, and the last map [B, H, W, C] in
+    memory is already the token layout, so flattening it copies nothing. The weights stay
+    contiguous: DeepSpeed's parameter broadcast views every parameter as bytes, which a
+    channels_last weight refuses."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
-        self.net = fold_batchnorm(net.eval()).to(memory_format=torch.channels_last)
+        self.net = fold_batchnorm(net.eval())
 
     def num_tokens(self, size: int) -> int:
         stride = self.net.feature_info[-1]["reduction"]

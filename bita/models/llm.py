@@ -122,8 +122,9 @@ class PrefixLM(nn.Module):
         At most `max_tokens` caption tokens (including "\n") are kept; labels are -100 on bos,
         prompt and padding."""
         head = self._prompt_ids(prompt)
-        lead = " " if prompt.strip() else ""
-        bodies = self.tokenizer([lead + c for c in captions], add_special_tokens=False).input_ids
+        # every caption starts with a space, with or without a prompt, so its first word is the
+        # same token in the lm stage, stage 2 and fine-tuning (byte-level BPE marks the space)
+        bodies = self.tokenizer([" " + c for c in captions], add_special_tokens=False).input_ids
         rows = [head + body[: max_tokens - 1] + [self.caption_end_id] for body in bodies]
         pad = self.tokenizer.pad_token_id
         ids = pad_sequence([torch.tensor(r) for r in rows], batch_first=True, padding_value=pad)

@@ -34,13 +34,14 @@ def test_efficientnet_tower_is_frozen_and_gives_49_tokens(compose):
     assert encoder.preprocess.size == 224
 
 
-def test_efficientnet_tower_is_folded_channels_last_and_keeps_its_outputs(compose):
+def test_efficientnet_tower_is_folded_and_keeps_its_outputs(compose):
     encoder = build_image_encoder(compose("effnet_lite0", "tiny", "tiny").encoder)
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     state = torch.load(resolve_location(EFFNET_FILE), map_location="cpu", weights_only=True)
     reference.load_state_dict(map_efficientnet_lite_keys(state, reference))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())
-    assert encoder.body.net.conv_head.weight.is_contiguous(memory_format=torch.channels_last)
+    # DeepSpeed broadcasts parameters as byte views, which only contiguous tensors allow
+    assert all(p.is_contiguous() for p in encoder.parameters())
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         expected = reference.forward_features(x).flatten(2).transpose(1, 2)

@@ -127,3 +127,10 @@ def test_missing_tokenizer_points_at_the_lm_stage(tiny_cfg):
 def test_hub_lm_offline_fails_with_a_clear_message(compose):
     with pytest.raises(OSError, match="(?s)llm.tokenizer='facebook/opt-2.7b'.*network"):
         build_prefix_lm(compose("tiny", "tiny", "opt_2.7b").llm)
+
+
+def test_caption_tokens_are_the_same_with_or_without_a_prompt(lm):
+    """The lm stage and stage 2 use no prompt, fine-tuning does: the caption must not change."""
+    _, _, alone = lm.tokenize_captions(["many cars are parked"], "", 32)
+    _, _, prompted = lm.tokenize_captions(["many cars are parked"], "a photo of ", 32)
+    assert alone[alone != -100].tolist() == prompted[prompted != -100].tolist()
