@@ -16,7 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from bita.engine.distributed import init_distributed, strip_launcher_args
+from bita.engine.distributed import apply_thread_count, init_distributed, strip_launcher_args
 from bita.eval.tables import metrics_table
 from bita.stages.pipeline import run_stages
 from bita.tracking import Tracker
@@ -42,6 +42,7 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     dist = init_distributed(cfg.hardware.accelerator)
+    apply_thread_count(cfg.hardware)
     seed_everything(int(cfg.seed), dist.rank)
     tracker = Tracker.start(
         cfg,

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file
 
 from bita.data.cache_writer import CacheOptions, cache_features
+from bita.engine.distributed import apply_thread_count
 from bita.locations import resolve_location
 from bita.models.encoders import FrozenImageEncoder, build_image_encoder
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = compose_config(argv)
+    apply_thread_count(cfg.hardware)
     if not cfg.features.root:
         raise SystemExit("features.root=FOLDER is required: where the cache is written")
     root = Path(resolve_location(str(cfg.features.root)))

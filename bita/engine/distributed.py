@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -111,3 +112,14 @@ def init_distributed(accelerator: str = "auto") -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def apply_thread_count(hardware: Mapping) -> None:
+    """Set torch's intra-op threads from `hardware.num_threads` (null keeps torch's default).
+
+    On a CPU shared with other jobs, one thread per process can be several times faster than
+    two: every parallel region waits for its slowest thread, which the scheduler preempts.
+    """
+    threads = hardware.get("num_threads")
+    if threads:
+        torch.set_num_threads(int(threads))
