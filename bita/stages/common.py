@@ -58,18 +58,29 @@ def feature_cache(ctx: StageContext, model: torch.nn.Module) -> features.Feature
     )
 
 
+def shard_set(
+    ctx: StageContext, model: torch.nn.Module, split: str, *, train: bool
+) -> stream.ShardSet:
+    """Where a split's samples come from: the feature cache when one is configured, else the
+    image shards decoded with the tower's train (augmenting) or eval transform."""
+    cache = feature_cache(ctx, model)
+    if cache:
+        return (
+            cache.train_shards(ctx.cfg.dataset, split)
+            if train
+            else cache.eval_shards(ctx.cfg.dataset, split)
+        )
+    pre = model.preprocess
+    make_transform = transforms.train_transform if train else transforms.eval_transform
+    return stream.image_shards(ctx.cfg.dataset, make_transform(pre.size, pre.mean, pre.std))
+
+
 def image_caption_batches(
     ctx: StageContext, model: torch.nn.Module, micro_batch_size: int
 ) -> Callable[[int, int], Iterable[dict]]:
     """This rank's (augmented image or cached features, caption) micro-batches of one epoch,
     after a skip."""
-    cache = feature_cache(ctx, model)
-    if cache:
-        shards = cache.train_shards(ctx.cfg.dataset, ctx.cfg.stage.split)
-    else:
-        pre = model.preprocess
-        transform = transforms.train_transform(pre.size, pre.mean, pre.std)
-        shards = stream.image_shards(ctx.cfg.dataset, transform)
+    shards = shard_set(ctx, model, ctx.cfg.stage.split, train=True)
 
     def make(epoch: int, skip_batches: int) -> Iterable[dict]:
         return stream.train_batches(

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from bita.data import stream, transforms
+from bita.data import stream
 from bita.eval.evaluate import evaluate
-from bita.stages.common import feature_cache
+from bita.stages.common import shard_set
 from bita.stages.context import StageContext
 
 
@@ -21,13 +21,7 @@ def score_split(
     step: int = 0,
 ) -> dict:
     """Beam-search captions for every image of `split` and return its COCO metrics."""
-    cache = feature_cache(ctx, model)
-    if cache:
-        shards = cache.eval_shards(ctx.cfg.dataset, split)
-    else:
-        pre = model.preprocess
-        transform = transforms.eval_transform(pre.size, pre.mean, pre.std)
-        shards = stream.image_shards(ctx.cfg.dataset, transform)
+    shards = shard_set(ctx, model, split, train=False)
     batches = stream.eval_batches(
         ctx.cfg.dataset,
         split=split,
