@@ -33,6 +33,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep only the first N images of each scene class in SPLIT (repeatable; "
         "splits not named are left out) — for small samples such as the bundled demo",
     )
+    parser.add_argument(
+        "--train-order-seed",
+        type=int,
+        default=0,
+        help="seed of the train split's shuffled write order, so every shard mixes scene classes",
+    )
+    parser.add_argument(
+        "--keep-order",
+        action="store_true",
+        help="write the train split in annotation order (its shards then hold few classes each)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -63,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         shard_size=args.shard_size,
         source_name=args.annotations.name,
         progress=not args.quiet,
+        train_order_seed=None if args.keep_order else args.train_order_seed,
     )
     for split, info in manifest["splits"].items():
         print(

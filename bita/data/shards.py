@@ -6,7 +6,12 @@ a ``json`` with the record and its raw captions. ``manifest.json`` beside the sp
 counts images and usable captions per shard (the loaders size epochs from it) and lists every
 skipped image and unusable caption.
 
-Runs are deterministic (fixed tar metadata, annotation order, no timestamps) and atomic: all
+The train split is written in a seeded random order: annotation files list images class by
+class, and a training stream's shuffle buffer only mixes the few shards it holds, so shards in
+file order gave batches of four or five scene classes that drifted class by class through an
+epoch. Other splits keep annotation order.
+
+Runs are deterministic (fixed tar metadata, seeded order, no timestamps) and atomic: all
 files go to a hidden temporary folder that replaces ``<root>/<dataset>`` only when complete, so
 a killed run leaves the previous shards (and a stale ``.<dataset>.tmp-*`` folder) behind.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -48,8 +54,11 @@ def make_shards(
     shard_size: int = 1000,
     source_name: str = "",
     progress: bool = True,
+    train_order_seed: int | None = 0,
 ) -> dict:
-    """Write shards and manifest of ``records`` under ``out_dir/dataset``; return the manifest."""
+    """Write shards and manifest of ``records`` under ``out_dir/dataset``; return the manifest.
+
+    ``train_order_seed`` shuffles the train split's order (None: annotation order)."""
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +67,8 @@ def make_shards(
         splits = {}
         for split in SPLITS:
             chosen = [r for r in records if r.split == split]
+            if split == "train" and train_order_seed is not None:
+                random.Random(train_order_seed).shuffle(chosen)
             if chosen:
                 splits[split] = _write_split(
                     chosen, images_dir, staging, split, shard_size, progress
@@ -67,6 +78,7 @@ def make_shards(
             "dataset": dataset,
             "annotations": source_name,
             "shard_size": shard_size,
+            "train_order_seed": train_order_seed,
             "splits": splits,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")

@@ -33,18 +33,21 @@ def test_manifest_counts_skips_and_lists_unusable_captions(toy):
     assert read_manifest(toy["root"], "toy") == toy["manifest"]
 
 
-def test_samples_hold_dot_free_keys_kept_jpeg_png_for_tiff_and_the_record(toy):
-    files = members(toy["root"] / "toy" / "train" / "toy-train-00000.tar")
-    assert sorted(files) == [
-        "toy_0.jpg",
-        "toy_0.json",
-        "toy_1.json",
-        "toy_1.png",
-        "toy_2.jpg",
-        "toy_2.json",
-        "toy_5.jpg",
-        "toy_5.json",
+def shard_keys(root, dataset, split):
+    """Sample keys in write order across a split's shards."""
+    manifest = read_manifest(root, dataset)
+    names = [
+        n for s in manifest["splits"][split]["shards"] for n in members(root / dataset / s["file"])
     ]
+    return list(dict.fromkeys(n.split(".")[0] for n in names))
+
+
+def test_samples_hold_dot_free_keys_kept_jpeg_png_for_tiff_and_the_record(toy):
+    files = {}
+    for shard in toy["manifest"]["splits"]["train"]["shards"]:
+        files |= members(toy["root"] / "toy" / shard["file"])
+    assert {"toy_0.jpg", "toy_0.json", "toy_1.png", "toy_1.json", "toy_5.jpg"} <= set(files)
+    assert not any(name.startswith(("toy_3.", "toy_4.")) for name in files)  # skipped
     assert files["toy_0.jpg"] == jpeg_bytes(0)
     assert files["toy_1.png"].startswith(b"\x89PNG")
     record = json.loads(files["toy_0.json"])
@@ -59,6 +62,21 @@ def test_two_runs_write_identical_bytes_and_rerun_replaces(tmp_path):
     again = shard_dataset(tmp_path / "a", "toy", 6, 2, shard_size=3)
     assert again == first
     assert [p.name for p in (tmp_path / "a" / "shards").iterdir()] == ["toy"]
+
+
+def test_train_split_is_written_in_a_seeded_shuffled_order(tmp_path):
+    """Annotation files list images class by class; shuffled train shards mix the classes."""
+    in_file_order = [f"toy_{i}" for i in range(20)]
+    shard_dataset(tmp_path / "a", "toy", 20, 5, shard_size=6, train_order_seed=0)
+    shard_dataset(tmp_path / "b", "toy", 20, 5, shard_size=6, train_order_seed=1)
+    shard_dataset(tmp_path / "c", "toy", 20, 5, shard_size=6, train_order_seed=None)
+    orders = {x: shard_keys(tmp_path / x / "shards", "toy", "train") for x in "abc"}
+    assert sorted(orders["a"]) == sorted(orders["b"]) == sorted(in_file_order)
+    assert len({tuple(order) for order in orders.values()}) == 3
+    assert orders["c"] == in_file_order
+    val = [f"toy_{i}" for i in range(20, 25)]
+    assert shard_keys(tmp_path / "a" / "shards", "toy", "val") == val
+    assert read_manifest(tmp_path / "a" / "shards", "toy")["train_order_seed"] == 0
 
 
 def test_killed_run_leaves_previous_shards_and_no_staging(tmp_path, monkeypatch):

@@ -106,7 +106,8 @@ def test_eval_yields_every_image_once_in_a_fixed_order(toy, transforms, world_si
 def test_caption_texts_are_all_usable_cleaned_training_captions(toy):
     texts = caption_texts(dataset_cfg(toy["root"], "toy"), split="train")
     assert len(texts) == toy["manifest"]["splits"]["train"]["captions"] == 35
-    assert texts[:3] == ["a scene 0 with trees", "roads near scene 0", "some houses"]
+    assert {"a scene 0 with trees", "roads near scene 0", "some houses"} <= set(texts)
+    assert texts.count("some houses") == 12 - 1  # toy_2's third caption is " ."
 
 
 def plant(path, replace):
