@@ -28,6 +28,17 @@ def model_config(ctx: StageContext) -> DictConfig:
     return cfg
 
 
+def trainable_patterns(cfg: DictConfig) -> list[str]:
+    """The stage's `trainable` patterns, plus the whole LM where the stage uses it and the llm
+    group says `trainable: true`: whether the LM is frozen belongs to the LM's config, not to
+    every stage that reads it (a small caption LM learns to read the visual prefix much faster
+    when it trains too; the paper's OPT-2.7B stays frozen)."""
+    patterns = list(cfg.stage.trainable)
+    if cfg.stage.get("uses_llm", True) and cfg.get("llm") and cfg.llm.get("trainable", False):
+        patterns.append("llm.*")
+    return patterns
+
+
 def build_stage_model(ctx: StageContext) -> torch.nn.Module:
     """Build the model for this stage, start it from `init_from` and set what trains."""
     model = build_model(model_config(ctx))
@@ -46,7 +57,7 @@ def build_stage_model(ctx: StageContext) -> torch.nn.Module:
             len(report.loaded),
             len(report.missing),
         )
-    names = set_trainable(model, list(ctx.cfg.stage.trainable))
+    names = set_trainable(model, trainable_patterns(ctx.cfg))
     log.info("stage %s: %d trainable tensors", ctx.name, len(names))
     return model
 
