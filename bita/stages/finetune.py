@@ -9,6 +9,7 @@ from bita.stages.common import (
     build_stage_model,
     image_caption_batches,
     make_trainer,
+    shard_set,
     steps_per_epoch,
 )
 from bita.stages.context import StageContext, StageResult
@@ -20,11 +21,12 @@ def run(ctx: StageContext) -> StageResult:
     model = build_stage_model(ctx)
     trainer = make_trainer(ctx, model, model.flops_per_sample("lm"))
     val_split = ctx.cfg.dataset.val_split
+    val_shards = shard_set(ctx, model, val_split, train=False)  # once: the tower is frozen
 
     def validate(epoch: int) -> dict[str, float]:
         out_dir = ctx.stage_dir / "validation" / f"epoch_{epoch:03d}"
         with gathered_parameters(model, trainer.zero_stage):
-            return score_split(ctx, model, val_split, None, out_dir, step=epoch)
+            return score_split(ctx, model, val_split, None, out_dir, step=epoch, shards=val_shards)
 
     trainer.fit(
         image_caption_batches(ctx, model, trainer.micro_batch_size),

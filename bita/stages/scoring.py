@@ -19,9 +19,14 @@ def score_split(
     checkpoint: str | None,
     out_dir: Path,
     step: int = 0,
+    shards: stream.ShardSet | None = None,
 ) -> dict:
-    """Beam-search captions for every image of `split` and return its COCO metrics."""
-    shards = shard_set(ctx, model, split, train=False)
+    """Beam-search captions for every image of `split` and return its COCO metrics.
+
+    `shards`: the split's shard set when the caller already has it (fine-tuning scores the
+    same split every epoch; opening a feature cache re-reads its manifests and re-hashes the
+    tower's weights)."""
+    shards = shards or shard_set(ctx, model, split, train=False)
     batches = stream.eval_batches(
         ctx.cfg.dataset,
         split=split,
