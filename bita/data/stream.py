@@ -6,7 +6,9 @@ source's weight (so ``dataset=all`` mixes the train splits in proportion to thei
 image expands to one (image, caption) pair per usable caption, pairs pass a shuffle buffer and
 are grouped into batches before decoding. An epoch is ``captions // global_batch_size`` batches
 per rank: one sample per caption per epoch in expectation (with resampling, not as an exact
-permutation; exactness would need every worker to read every shard).
+permutation; exactness would need every worker to read every shard). With ``per_image`` each
+image with a usable caption is one sample carrying all its captions as ``references`` (what a
+sequence-level reward scores against), and an epoch is ``images // global_batch_size``.
 
 Determinism and resume. Batch ``i`` of a rank's epoch is batch ``i // W`` of logical stream
 ``i % W`` (``W`` = max(num_workers, 1)); each logical stream's shard draws, shuffle and per-sample
@@ -137,20 +139,26 @@ def _split_shards(shard_set: ShardSet, source: str, split: str) -> list[Shard]:
 
 
 def steps_per_epoch(
-    dataset_cfg: Any, *, split: str, global_batch_size: int, shards: ShardSet | None = None
+    dataset_cfg: Any,
+    *,
+    split: str,
+    global_batch_size: int,
+    shards: ShardSet | None = None,
+    per_image: bool = False,
 ) -> int:
-    """Batches per rank per epoch: usable captions of all sources // global batch size (from
-    the image manifests, or from those of ``shards``)."""
+    """Batches per rank per epoch: usable captions (images with ``per_image``) of all sources
+    // global batch size (from the image manifests, or from those of ``shards``)."""
     shard_set = shards or image_shards(dataset_cfg, transform=None)
-    captions = sum(
-        s.captions
+    unit = "images" if per_image else "captions"
+    samples = sum(
+        getattr(s, unit)
         for src in _sources(dataset_cfg)
         for s in _split_shards(shard_set, src["name"], split)
     )
-    steps = captions // global_batch_size
+    steps = samples // global_batch_size
     if steps < 1:
         raise ValueError(
-            f"dataset {dataset_cfg['name']!r} split {split!r}: {captions} captions are fewer "
+            f"dataset {dataset_cfg['name']!r} split {split!r}: {samples} {unit} are fewer "
             f"than one global batch of {global_batch_size}"
         )
     return steps
@@ -169,12 +177,18 @@ def train_batches(
     rank: int = 0,
     world_size: int = 1,
     shards: ShardSet | None = None,
+    per_image: bool = False,
 ) -> Iterable[dict]:
     """This rank's training batches of one epoch (see the module docstring): images through
-    ``transform``, or the ``field`` of another shard set ``shards`` (a feature cache)."""
+    ``transform``, or the ``field`` of another shard set ``shards`` (a feature cache); one
+    ``caption`` per sample, or with ``per_image`` all of an image's ``references``."""
     shard_set = _chosen(dataset_cfg, transform, shards)
     n_batches = steps_per_epoch(
-        dataset_cfg, split=split, global_batch_size=batch_size * world_size, shards=shard_set
+        dataset_cfg,
+        split=split,
+        global_batch_size=batch_size * world_size,
+        shards=shard_set,
+        per_image=per_image,
     )
     if not 0 <= skip_batches <= n_batches:
         raise ValueError(f"skip_batches={skip_batches} outside 0..{n_batches} batches per epoch")
@@ -190,6 +204,7 @@ def train_batches(
         streams=max(num_workers, 1),
         name=f"{seed}/{epoch}/{rank}/{world_size}",
         buffer=int(dataset_cfg.get("shuffle_buffer", 2000)),
+        per_image=per_image,
     )
     return _loader(stream, num_workers)
 
@@ -220,9 +235,10 @@ def eval_batches(
     return _loader(stream, num_workers)
 
 
-def caption_texts(dataset_cfg: Any, *, split: str) -> list[str]:
-    """All usable cleaned captions of a split over all sources, in shard order."""
-    texts: list[str] = []
+def caption_groups(dataset_cfg: Any, *, split: str) -> list[list[str]]:
+    """Each image's usable cleaned captions over all sources, in shard order (images without
+    one left out), read from the image shards' json members only."""
+    groups: list[list[str]] = []
     shard_set = image_shards(dataset_cfg, transform=None)
     for source in _sources(dataset_cfg):
         paths = [s.path for s in _split_shards(shard_set, source["name"], split)]
@@ -231,8 +247,15 @@ def caption_texts(dataset_cfg: Any, *, split: str) -> list[str]:
             wds.tarfile_to_samples(handler=SkipLog(), select_files=lambda f: f.endswith(".json")),
         )
         for sample in pipeline:
-            texts.extend(usable_captions(json.loads(sample["json"])["captions"]))
-    return texts
+            captions = usable_captions(json.loads(sample["json"])["captions"])
+            if captions:
+                groups.append(captions)
+    return groups
+
+
+def caption_texts(dataset_cfg: Any, *, split: str) -> list[str]:
+    """All usable cleaned captions of a split over all sources, in shard order."""
+    return [text for group in caption_groups(dataset_cfg, split=split) for text in group]
 
 
 def _loader(stream: IterableDataset, num_workers: int) -> DataLoader:
@@ -330,9 +353,10 @@ class _TrainStream(IterableDataset):
         streams: int,
         name: str,
         buffer: int,
+        per_image: bool,
     ) -> None:
         super().__init__()
-        self.shards, self.weights = shards, weights
+        self.shards, self.weights, self.per_image = shards, weights, per_image
         self.batch_size, self.shard_set, self.members = batch_size, shard_set, members
         self.n_batches, self.skip_batches, self.streams = n_batches, skip_batches, streams
         self.name, self.buffer = name, buffer
@@ -348,7 +372,7 @@ class _TrainStream(IterableDataset):
         pipeline = wds.DataPipeline(
             lambda: self._resampled(random.Random(f"shards/{name}")),
             wds.tarfile_to_samples(handler=self.skips, select_files=_selector(self.members)),
-            lambda samples: self._pairs(_parsed(samples, self.skips, self.members)),
+            lambda samples: self._units(_parsed(samples, self.skips, self.members)),
             wds.shuffle(self.buffer, self.buffer, rng=random.Random(f"shuffle/{name}")),
             lambda pairs: self._seeded(pairs, random.Random(f"augment/{name}")),
             wds.batched(self.batch_size, collation_fn=None, partial=False),
@@ -362,18 +386,23 @@ class _TrainStream(IterableDataset):
         while True:
             yield {"url": rng.choices(paths, weights=self.weights)[0]}
 
-    @staticmethod
-    def _pairs(records: Iterator[tuple[str, bytes, dict]]) -> Iterator[tuple[str, bytes, str]]:
+    def _units(self, records: Iterator[tuple[str, bytes, dict]]) -> Iterator[tuple]:
+        """(key, payload, caption) per usable caption, or (key, payload, captions) per image
+        with ``per_image``."""
         for key, image, record in records:
-            for caption in usable_captions(record["captions"]):
-                yield key, image, caption
+            captions = usable_captions(record["captions"])
+            if self.per_image:
+                if captions:
+                    yield key, image, captions
+            else:
+                yield from ((key, image, caption) for caption in captions)
 
     @staticmethod
     def _seeded(pairs: Iterator[tuple], rng: random.Random) -> Iterator[tuple]:
         for pair in pairs:
             yield (*pair, rng.getrandbits(63))
 
-    def _decode_batch(self, batch: list[tuple[str, bytes, str, int]]) -> dict:
+    def _decode_batch(self, batch: list[tuple[str, bytes, Any, int]]) -> dict:
         decoded = [self._augment(*pair) for pair in batch]
         good = [i for i, tensor in enumerate(decoded) if tensor is not None]
         if not good:
@@ -381,11 +410,11 @@ class _TrainStream(IterableDataset):
         slots = [i if decoded[i] is not None else good[i % len(good)] for i in range(len(batch))]
         return {
             self.shard_set.field: default_collate([decoded[i] for i in slots]),
-            "caption": [batch[i][2] for i in slots],
+            "references" if self.per_image else "caption": [batch[i][2] for i in slots],
             "image_id": [batch[i][0] for i in slots],
         }
 
-    def _augment(self, key: str, data: bytes, caption: str, seed: int) -> torch.Tensor | None:
+    def _augment(self, key: str, data: bytes, text: Any, seed: int) -> torch.Tensor | None:
         try:
             return self.shard_set.decode(key, data, seed)
         except ValueError as err:

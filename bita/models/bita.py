@@ -22,6 +22,7 @@ from bita.models.encoders import FrozenImageEncoder, ImagePreprocess
 from bita.models.ift import IFT
 from bita.models.llm import PrefixLM, to_device
 from bita.models.losses import contrastive_loss
+from bita.models.self_critical import SelfCritical, self_critical_loss
 
 # BITA's own parts: always in its checkpoint (small, trained by this project)
 OWN_PARTS = ("query_tokens", "ln_vision", "ift", "vision_proj", "text_proj", "temp", "llm_proj")
@@ -138,8 +139,16 @@ class BITA(nn.Module):
         temp = self.temp.clamp(low, high)
         return contrastive_loss(image_feats, text_feats, temp, self.settings.label_smoothing)
 
-    def forward(self, batch: Mapping[str, Any], objective: str, prompt: str = "") -> dict:
-        """A training loss on a batch: `objective` "itc" (stage 1) or "lm" (stage 2, fine-tune).
+    def forward(
+        self,
+        batch: Mapping[str, Any],
+        objective: str,
+        prompt: str = "",
+        self_critical: SelfCritical | None = None,
+    ) -> dict:
+        """A training loss on a batch: `objective` "itc" (stage 1), "lm" (stage 2, fine-tune)
+        or "scst" (self-critical fine-tuning on `batch["references"]`, sampled and rewarded as
+        `self_critical` says).
 
         Training goes through `forward` so that DeepSpeed ZeRO-3 gathers this module's own
         parameters (`query_tokens`, `temp`) before they are used.
@@ -149,9 +158,14 @@ class BITA(nn.Module):
             return self.itc_loss(tokens, batch["caption"])
         if objective == "lm":
             return self.lm_loss(tokens, batch["caption"], prompt)
-        raise ValueError(f"objective must be 'itc' or 'lm', got {objective!r}")
+        if objective == "scst":
+            if self_critical is None:
+                raise ValueError("objective 'scst' needs self_critical settings and a reward")
+            return self_critical_loss(self, tokens, batch["references"], prompt, self_critical)
+        raise ValueError(f"objective must be 'itc', 'lm' or 'scst', got {objective!r}")
 
-    def _prefix(self, image_tokens: torch.Tensor) -> torch.Tensor:
+    def lm_prefix(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """The soft visual prefix [B, Q, LM hidden] the LM reads before its text."""
         if self.llm is None:
             raise RuntimeError("this BITA was built without its LM (with_llm=False)")
         return self.llm_proj(self.query_outputs(image_tokens))
@@ -160,7 +174,7 @@ class BITA(nn.Module):
         self, image_tokens: torch.Tensor, captions: list[str], prompt: str = ""
     ) -> dict[str, torch.Tensor]:
         """Prefix-LM loss on `[prefix][bos][prompt] caption "\n"` (labels only on the caption)."""
-        prefix = self._prefix(image_tokens)
+        prefix = self.lm_prefix(image_tokens)
         return {"loss": self.llm.prefix_loss(prefix, captions, prompt, self.settings.max_lm_tokens)}
 
     @torch.no_grad()
@@ -180,7 +194,7 @@ class BITA(nn.Module):
     ) -> list[str]:
         """One caption per image (SPEC §3 defaults): beam search, stop at "\n", stripped."""
         sampling = {"top_p": top_p, "temperature": temperature} if do_sample else {}
-        prefix = self._prefix(image_tokens)
+        prefix = self.lm_prefix(image_tokens)
         return self.llm.generate(
             prefix,
             prompt,

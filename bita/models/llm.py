@@ -138,38 +138,57 @@ class PrefixLM(nn.Module):
         self, prefix: torch.Tensor, captions: list[str], prompt: str = "", max_tokens: int = 32
     ) -> torch.Tensor:
         """Mean next-token cross-entropy over caption tokens, the prefix [B, Q, hidden] first."""
+        logits, targets, _ = self._prefixed_logits(prefix, captions, prompt, max_tokens)
+        return F.cross_entropy(logits, targets)
+
+    def caption_token_log_probs(
+        self, prefix: torch.Tensor, captions: list[str], prompt: str = "", max_tokens: int = 32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of every caption token (the closing "\n" included) after its prefix,
+        and the index of the caption each token belongs to: what a sequence-level reward
+        weights in self-critical training."""
+        logits, targets, caption_index = self._prefixed_logits(prefix, captions, prompt, max_tokens)
+        return -F.cross_entropy(logits, targets, reduction="none"), caption_index
+
+    def _prefixed_logits(
+        self, prefix: torch.Tensor, captions: list[str], prompt: str, max_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, mask, labels = self.tokenize_captions(captions, prompt, max_tokens)
         ids, mask = to_device(ids, prefix.device), to_device(mask, prefix.device)
         embeds = self._embed(ids)
         inputs = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
         prefix_mask = torch.ones(prefix.shape[:2], dtype=mask.dtype, device=mask.device)
-        return self._labelled_loss(inputs, torch.cat([prefix_mask, mask], dim=1), labels)
+        return self._labelled_logits(inputs, torch.cat([prefix_mask, mask], dim=1), labels)
 
     def caption_loss(self, captions: list[str], max_tokens: int = 32) -> torch.Tensor:
         """LM-only loss on captions (no prefix, no prompt): trains the caption-domain LM."""
         ids, mask, labels = self.tokenize_captions(captions, "", max_tokens)
         device = self.model.get_input_embeddings().weight.device
         ids, mask = to_device(ids, device), to_device(mask, device)
-        return self._labelled_loss(self._embed(ids), mask, labels)
+        logits, targets, _ = self._labelled_logits(self._embed(ids), mask, labels)
+        return F.cross_entropy(logits, targets)
 
-    def _labelled_loss(
+    def _labelled_logits(
         self, inputs: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """Mean cross-entropy of the labelled tokens (`labels` [B, L] on the host covers the last
-        L positions of `inputs`), each predicted from the position before it.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 logits [N, vocab] of the N labelled tokens (`labels` [B, L] on the host covers
+        the last L positions of `inputs`), each predicted from the position before it, their
+        targets [N] and the row of `labels` each came from [N].
 
         The vocabulary projection runs only on the positions that predict a label: the prefix,
         bos, prompt and padding would make [B, Q + L, vocab] logits for nothing. The positions
         are picked on the host, so the device never waits for a data-dependent size."""
+        width = labels.shape[1] - 1
         targets = labels[:, 1:].flatten()
         rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        owners = to_device(rows // width, inputs.device)
         rows, targets = to_device(rows, inputs.device), to_device(targets[rows], inputs.device)
         hidden = self.model.get_decoder()(
             inputs_embeds=inputs, attention_mask=mask, use_cache=False
         ).last_hidden_state
         before = hidden[:, hidden.shape[1] - labels.shape[1] : -1].flatten(0, 1)
         logits = self.model.get_output_embeddings()(before.index_select(0, rows))
-        return F.cross_entropy(logits.float(), targets)
+        return logits.float(), targets, owners
 
     @torch.no_grad()
     def generate(self, prefix: torch.Tensor, prompt: str = "", **decode: Any) -> list[str]:
@@ -188,6 +207,33 @@ class PrefixLM(nn.Module):
         )
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [t.split(CAPTION_END)[0].strip() for t in texts]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prefix: torch.Tensor,
+        prompt: str,
+        *,
+        num_samples: int,
+        max_new_tokens: int,
+        min_new_tokens: int = 1,
+        temperature: float = 1.0,
+    ) -> list[str]:
+        """`num_samples` captions per prefix drawn from the full next-token distribution (no
+        top-k or top-p cut, which would bias a policy gradient), the samples of a prefix
+        consecutive."""
+        return self.generate(
+            prefix,
+            prompt,
+            do_sample=True,
+            num_beams=1,
+            top_k=0,
+            top_p=1.0,
+            temperature=temperature,
+            num_return_sequences=num_samples,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+        )
 
     def save_pretrained(self, folder: str | Path, weights: bool = True) -> None:
         """Write the tokenizer and the LM config (and weights unless `weights=False`, used when

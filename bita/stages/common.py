@@ -87,10 +87,10 @@ def shard_set(
 
 
 def image_caption_batches(
-    ctx: StageContext, model: torch.nn.Module, micro_batch_size: int
+    ctx: StageContext, model: torch.nn.Module, micro_batch_size: int, per_image: bool = False
 ) -> Callable[[int, int], Iterable[dict]]:
     """This rank's (augmented image or cached features, caption) micro-batches of one epoch,
-    after a skip."""
+    after a skip; with `per_image`, one sample per image with all its `references`."""
     shards = shard_set(ctx, model, ctx.cfg.stage.split, train=True)
 
     def make(epoch: int, skip_batches: int) -> Iterable[dict]:
@@ -105,6 +105,7 @@ def image_caption_batches(
             skip_batches=skip_batches,
             rank=ctx.dist.rank,
             world_size=ctx.dist.world_size,
+            per_image=per_image,
         )
 
     return make
@@ -126,11 +127,13 @@ def make_trainer(ctx: StageContext, model: torch.nn.Module, flops_per_sample: fl
     )
 
 
-def steps_per_epoch(ctx: StageContext) -> int:
-    """Optimizer steps in one epoch: every caption once, `train.global_batch_size` per step."""
+def steps_per_epoch(ctx: StageContext, per_image: bool = False) -> int:
+    """Optimizer steps in one epoch: every caption (image, with `per_image`) once,
+    `train.global_batch_size` per step."""
     return stream.steps_per_epoch(
         ctx.cfg.dataset,
         split=ctx.cfg.stage.split,
         global_batch_size=ctx.cfg.train.global_batch_size,
         shards=features.manifest_shards(ctx.cfg.get("features")),
+        per_image=per_image,
     )

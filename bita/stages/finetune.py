@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from functools import partial
 
+import torch
+
 from bita.engine.checkpoint import gathered_parameters, load_model
+from bita.engine.trainer import Trainer
 from bita.stages.common import (
     build_stage_model,
     image_caption_batches,
@@ -20,6 +24,27 @@ from bita.stages.scoring import score_split
 def run(ctx: StageContext) -> StageResult:
     model = build_stage_model(ctx)
     trainer = make_trainer(ctx, model, model.flops_per_sample("lm"))
+    return fit_and_select(
+        ctx,
+        model,
+        trainer,
+        image_caption_batches(ctx, model, trainer.micro_batch_size),
+        partial(lm_objective, prompt=ctx.cfg.stage.prompt),
+        steps_per_epoch(ctx),
+    )
+
+
+def fit_and_select(
+    ctx: StageContext,
+    model: torch.nn.Module,
+    trainer: Trainer,
+    make_batches: Callable[[int, int], Iterable[dict]],
+    loss_fn: Callable[[torch.nn.Module, dict], dict],
+    epoch_steps: int,
+) -> StageResult:
+    """Train, decode and score the val split after every epoch, keep the best checkpoint by
+    `stage.select_metric`, then score `stage.final_eval_split` with it (fine-tuning with any
+    objective selects the same way, SPEC §2)."""
     val_split = ctx.cfg.dataset.val_split
     val_shards = shard_set(ctx, model, val_split, train=False)  # once: the tower is frozen
 
@@ -29,9 +54,9 @@ def run(ctx: StageContext) -> StageResult:
             return score_split(ctx, model, val_split, None, out_dir, step=epoch, shards=val_shards)
 
     trainer.fit(
-        image_caption_batches(ctx, model, trainer.micro_batch_size),
-        partial(lm_objective, prompt=ctx.cfg.stage.prompt),
-        steps_per_epoch=steps_per_epoch(ctx),
+        make_batches,
+        loss_fn,
+        steps_per_epoch=epoch_steps,
         epochs=ctx.cfg.train.epochs,
         on_epoch_end=validate,
         select_metric=ctx.cfg.stage.select_metric,

@@ -157,3 +157,17 @@ def test_augmentation_leaves_the_callers_torch_rng_alone(toy, transforms):
     torch.manual_seed(5)
     train(dataset_cfg(toy["root"], "toy"), transforms)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_per_image_batches_carry_every_usable_caption_of_each_image(toy, transforms):
+    cfg = dataset_cfg(toy["root"], "toy")
+    assert steps_per_epoch(cfg, split="train", global_batch_size=4, per_image=True) == 12 // 4
+    batches = train(cfg, transforms, per_image=True)
+    assert len(batches) == 3
+    for batch in batches:
+        assert set(batch) == {"image", "references", "image_id"}
+        assert batch["image"].shape[0] == len(batch["references"]) == 4
+        for image_id, refs in zip(batch["image_id"], batch["references"], strict=True):
+            n = image_id.split("_")[1]
+            full = [f"a scene {n} with trees", f"roads near scene {n}", "some houses"]
+            assert refs == (full[:2] if image_id == "toy_2" else full)  # toy_2's third is " ."

@@ -66,3 +66,23 @@ def test_tiny_pipeline_runs_every_stage_to_a_metrics_table(tmp_path):
     assert (results / "rsicd_val_gallery.html").is_file()
     assert "CIDEr" in result.stdout and "mlflow ui" in result.stdout
     assert metrics["counts"]["images"] == 31
+
+
+def test_self_critical_stage_trains_on_rewards_validates_and_keeps_the_best(tmp_path):
+    bita_run(
+        tmp_path,
+        "experiment=tiny",
+        "stage.order=[lm,scst]",
+        "+stage.recipes.lm.train.max_steps=2",
+        "stage.recipes.scst.self_critical.samples_per_image=3",
+    )
+    stage_dir = next((tmp_path / "runs/tiny").iterdir()) / "scst"
+    assert trainer_step(stage_dir / "checkpoints/best") == 62 // 16  # one epoch of demo images
+    validation = json.loads((stage_dir / "validation/epoch_000/results/rsicd_val.json").read_text())
+    assert validation["counts"]["images"] == 31
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("bita").experiment_id])[0]
+    rewards = client.get_metric_history(run.info.run_id, "scst/train/reward")
+    assert rewards and all(r.value >= 0 for r in rewards)
