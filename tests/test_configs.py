@@ -75,3 +75,10 @@ def test_unknown_option_lists_the_valid_ones():
     with pytest.raises(ConfigCompositionException) as err:
         composed("encoder=resnet50")
     assert "clip_vit_l14" in str(err.value) and "effnet_lite0" in str(err.value)
+
+
+def test_offline_rsicd_keeps_scst_optional_with_the_fine_tune_trainables():
+    stage = composed("experiment=offline_rsicd").stage
+    assert "scst" not in stage.order and stage.recipes.scst.recipe == "self_critical"
+    assert list(stage.recipes.scst.trainable) == list(stage.recipes.finetune.trainable)
+    assert "llm.*" in stage.recipes.scst.trainable
