@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from bita.models.trainable import eval_mode
+
 
 @dataclass(frozen=True)
 class DecodeSettings:
@@ -117,9 +119,7 @@ def decode_batches(
     (for the gallery) beside the generated ``caption``. The model is put in eval mode for the
     duration and its previous mode restored, so fine-tune validation can call this mid-training.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in batches:
             captions = caption_images(
                 model, batch.get("image"), settings, features=batch.get("features")
@@ -132,5 +132,3 @@ def decode_batches(
                     "image_bytes": batch["image_bytes"][index],
                     "caption": caption,
                 }
-    finally:
-        model.train(was_training)

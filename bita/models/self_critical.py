@@ -9,12 +9,13 @@ variant of self-critical sequence training", 2020), which needs no extra greedy 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from bita.models.trainable import eval_mode
 
 Reward = Callable[[Sequence[str], Sequence[Sequence[str]]], torch.Tensor]
 
@@ -37,17 +38,6 @@ class SelfCritical:
             )
         if self.temperature <= 0:
             raise ValueError(f"self_critical.temperature={self.temperature}: expected > 0")
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """`module` without dropout for the duration, its previous mode restored."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def self_critical_loss(

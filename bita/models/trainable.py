@@ -1,10 +1,25 @@
-"""Which parameters train is declared by each stage's config as fnmatch patterns."""
+"""Which parameters train is declared by each stage's config as fnmatch patterns; `eval_mode`
+runs a module without dropout mid-training."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fnmatch import fnmatchcase
 
 from torch import nn
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """`module` in eval mode for the duration and its previous mode restored, so validation,
+    decoding and sampling can run in the middle of training."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def set_trainable(model: nn.Module, patterns: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ import torch
 
 from bita.data import stream
 from bita.eval.evaluate import evaluate
+from bita.models.trainable import eval_mode
 from bita.stages.common import shard_set
 from bita.stages.context import StageContext
 
@@ -36,9 +37,7 @@ def score_split(
         rank=ctx.dist.rank,
         world_size=ctx.dist.world_size,
     )
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return evaluate(
             model,
             batches,
@@ -52,5 +51,3 @@ def score_split(
             spice_dir=ctx.cfg.paths.spice,
             step=step,
         )
-    finally:
-        model.train(was_training)
