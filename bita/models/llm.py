@@ -148,7 +148,8 @@ class PrefixLM(nn.Module):
         and the index of the caption each token belongs to: what a sequence-level reward
         weights in self-critical training."""
         logits, targets, caption_index = self._prefixed_logits(prefix, captions, prompt, max_tokens)
-        return -F.cross_entropy(logits, targets, reduction="none"), caption_index
+        log_probs = -F.cross_entropy(logits, targets, reduction="none")
+        return log_probs, to_device(caption_index, log_probs.device)
 
     def _prefixed_logits(
         self, prefix: torch.Tensor, captions: list[str], prompt: str, max_tokens: int
@@ -173,7 +174,8 @@ class PrefixLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """fp32 logits [N, vocab] of the N labelled tokens (`labels` [B, L] on the host covers
         the last L positions of `inputs`), each predicted from the position before it, their
-        targets [N] and the row of `labels` each came from [N].
+        targets [N] and, on the host, the row of `labels` each came from [N] (only
+        self-critical training needs it on the device, so the loss path does not copy it).
 
         The vocabulary projection runs only on the positions that predict a label: the prefix,
         bos, prompt and padding would make [B, Q + L, vocab] logits for nothing. The positions
@@ -181,7 +183,7 @@ class PrefixLM(nn.Module):
         width = labels.shape[1] - 1
         targets = labels[:, 1:].flatten()
         rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-        owners = to_device(rows // width, inputs.device)
+        owners = rows // width
         rows, targets = to_device(rows, inputs.device), to_device(targets[rows], inputs.device)
         hidden = self.model.get_decoder()(
             inputs_embeds=inputs, attention_mask=mask, use_cache=False

@@ -16,8 +16,12 @@ import torch
 from bita.data import stream
 from bita.eval.cider_reward import CiderReward
 from bita.models.self_critical import SelfCritical
-from bita.stages.common import build_stage_model, image_caption_batches, make_trainer
-from bita.stages.common import steps_per_epoch as count_steps
+from bita.stages.common import (
+    build_stage_model,
+    image_caption_batches,
+    make_trainer,
+    steps_per_epoch,
+)
 from bita.stages.context import StageContext, StageResult
 from bita.stages.finetune import fit_and_select
 
@@ -41,7 +45,7 @@ def run(ctx: StageContext) -> StageResult:
         trainer,
         image_caption_batches(ctx, model, trainer.micro_batch_size, per_image=True),
         partial(scst_objective, prompt=ctx.cfg.stage.prompt, settings=settings),
-        count_steps(ctx, per_image=True),
+        steps_per_epoch(ctx, per_image=True),
     )
 
 
