@@ -138,6 +138,17 @@ def _split_shards(shard_set: ShardSet, source: str, split: str) -> list[Shard]:
     return shards
 
 
+def split_size(dataset_cfg: Any, *, split: str, unit: str, shards: ShardSet | None = None) -> int:
+    """Usable ``"captions"`` or ``"images"`` of a split over all sources (from the image
+    manifests, or from those of ``shards``)."""
+    shard_set = shards or image_shards(dataset_cfg, transform=None)
+    return sum(
+        getattr(s, unit)
+        for src in _sources(dataset_cfg)
+        for s in _split_shards(shard_set, src["name"], split)
+    )
+
+
 def steps_per_epoch(
     dataset_cfg: Any,
     *,
@@ -147,14 +158,9 @@ def steps_per_epoch(
     per_image: bool = False,
 ) -> int:
     """Batches per rank per epoch: usable captions (images with ``per_image``) of all sources
-    // global batch size (from the image manifests, or from those of ``shards``)."""
-    shard_set = shards or image_shards(dataset_cfg, transform=None)
+    // global batch size."""
     unit = "images" if per_image else "captions"
-    samples = sum(
-        getattr(s, unit)
-        for src in _sources(dataset_cfg)
-        for s in _split_shards(shard_set, src["name"], split)
-    )
+    samples = split_size(dataset_cfg, split=split, unit=unit, shards=shards)
     steps = samples // global_batch_size
     if steps < 1:
         raise ValueError(

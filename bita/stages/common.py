@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -86,12 +87,20 @@ def shard_set(
     return stream.image_shards(ctx.cfg.dataset, make_transform(pre.size, pre.mean, pre.std))
 
 
+def batch_by_image(ctx: StageContext) -> bool:
+    """`stage.batch_by_image`: a sample is one image with all its usable captions as
+    `references` (the batch size counts images), not one (image, caption) pair."""
+    return bool(ctx.cfg.stage.get("batch_by_image", False))
+
+
 def image_caption_batches(
-    ctx: StageContext, model: torch.nn.Module, micro_batch_size: int, per_image: bool = False
+    ctx: StageContext, model: torch.nn.Module, micro_batch_size: int
 ) -> Callable[[int, int], Iterable[dict]]:
     """This rank's (augmented image or cached features, caption) micro-batches of one epoch,
-    after a skip; with `per_image`, one sample per image with all its `references`."""
+    after a skip; with `stage.batch_by_image`, one sample per image with all its
+    `references`."""
     shards = shard_set(ctx, model, ctx.cfg.stage.split, train=True)
+    per_image = batch_by_image(ctx)
 
     def make(epoch: int, skip_batches: int) -> Iterable[dict]:
         return stream.train_batches(
@@ -127,13 +136,23 @@ def make_trainer(ctx: StageContext, model: torch.nn.Module, flops_per_sample: fl
     )
 
 
-def steps_per_epoch(ctx: StageContext, per_image: bool = False) -> int:
-    """Optimizer steps in one epoch: every caption (image, with `per_image`) once,
+def steps_per_epoch(ctx: StageContext) -> int:
+    """Optimizer steps in one epoch: every caption (image, with `stage.batch_by_image`) once,
     `train.global_batch_size` per step."""
     return stream.steps_per_epoch(
         ctx.cfg.dataset,
         split=ctx.cfg.stage.split,
         global_batch_size=ctx.cfg.train.global_batch_size,
         shards=features.manifest_shards(ctx.cfg.get("features")),
-        per_image=per_image,
+        per_image=batch_by_image(ctx),
     )
+
+
+def captions_per_sample(ctx: StageContext) -> float:
+    """Mean captions a training sample carries: 1 for pairs, the split's usable captions per
+    image with `stage.batch_by_image` (what the throughput log's FLOPs per sample scale by)."""
+    if not batch_by_image(ctx):
+        return 1.0
+    shards = features.manifest_shards(ctx.cfg.get("features"))
+    count = partial(stream.split_size, ctx.cfg.dataset, split=ctx.cfg.stage.split, shards=shards)
+    return count(unit="captions") / count(unit="images")

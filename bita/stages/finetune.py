@@ -11,6 +11,7 @@ from bita.engine.checkpoint import gathered_parameters, load_model
 from bita.engine.trainer import Trainer
 from bita.stages.common import (
     build_stage_model,
+    captions_per_sample,
     image_caption_batches,
     make_trainer,
     shard_set,
@@ -23,7 +24,7 @@ from bita.stages.scoring import score_split
 
 def run(ctx: StageContext) -> StageResult:
     model = build_stage_model(ctx)
-    trainer = make_trainer(ctx, model, model.flops_per_sample("lm"))
+    trainer = make_trainer(ctx, model, model.flops_per_sample("lm", captions_per_sample(ctx)))
     return fit_and_select(
         ctx,
         model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bita.stages.common import (
+    batch_by_image,
     build_stage_model,
     image_caption_batches,
     make_trainer,
@@ -16,6 +17,11 @@ def itc_objective(model, batch: dict) -> dict:
 
 
 def run(ctx: StageContext) -> StageResult:
+    if batch_by_image(ctx):
+        raise ValueError(
+            f"stage {ctx.name}: stage.batch_by_image must be false (contrastive pairs need one "
+            "caption per image; an image's other captions would be false negatives)"
+        )
     model = build_stage_model(ctx)
     trainer = make_trainer(ctx, model, model.flops_per_sample("itc"))
     trainer.fit(

@@ -6,6 +6,7 @@ from functools import partial
 
 from bita.stages.common import (
     build_stage_model,
+    captions_per_sample,
     image_caption_batches,
     make_trainer,
     steps_per_epoch,
@@ -19,7 +20,7 @@ def lm_objective(model, batch: dict, prompt: str) -> dict:
 
 def run(ctx: StageContext) -> StageResult:
     model = build_stage_model(ctx)
-    trainer = make_trainer(ctx, model, model.flops_per_sample("lm"))
+    trainer = make_trainer(ctx, model, model.flops_per_sample("lm", captions_per_sample(ctx)))
     trainer.fit(
         image_caption_batches(ctx, model, trainer.micro_batch_size),
         partial(lm_objective, prompt=ctx.cfg.stage.prompt),

@@ -17,6 +17,7 @@ from bita.data import stream
 from bita.eval.cider_reward import CiderReward
 from bita.models.self_critical import SelfCritical
 from bita.stages.common import (
+    batch_by_image,
     build_stage_model,
     image_caption_batches,
     make_trainer,
@@ -35,17 +36,22 @@ def scst_objective(
 
 
 def run(ctx: StageContext) -> StageResult:
+    if not batch_by_image(ctx):
+        raise ValueError(
+            f"stage {ctx.name}: stage.batch_by_image must be true (self-critical training "
+            "rewards each image's samples against all its references)"
+        )
     model = build_stage_model(ctx)
     settings = self_critical_settings(ctx)
-    flops = settings.samples_per_image * model.flops_per_sample("lm")  # sampling left out
+    flops = model.flops_per_sample("lm", settings.samples_per_image)  # sampling left out
     trainer = make_trainer(ctx, model, flops)
     return fit_and_select(
         ctx,
         model,
         trainer,
-        image_caption_batches(ctx, model, trainer.micro_batch_size, per_image=True),
+        image_caption_batches(ctx, model, trainer.micro_batch_size),
         partial(scst_objective, prompt=ctx.cfg.stage.prompt, settings=settings),
-        steps_per_epoch(ctx, per_image=True),
+        steps_per_epoch(ctx),
     )
 
 

@@ -133,3 +133,27 @@ def test_losses_run_under_bf16_autocast(tiny_model):
     assert torch.isfinite(itc) and torch.isfinite(lm)
     (itc + lm).backward()
     assert tiny_model.query_tokens.grad is not None
+
+
+def test_per_image_lm_loss_equals_the_loss_of_the_expanded_pairs(tiny_model):
+    """Batching by image runs the query path once per image; loss and gradients must be those
+    of the same (image, caption) pairs batched one by one."""
+    set_trainable(tiny_model, _stage_patterns("pretrain2"))
+    tiny_model.eval()  # no dropout: both paths see the same network
+    features = tiny_model.encode_images(torch.randn(2, 3, 64, 64))
+    references = [CAPS[:3], CAPS[3:]]
+    paired = {"features": features[[0, 0, 0, 1]], "caption": CAPS}
+    loss_pairs = tiny_model(paired, objective="lm", prompt="a photo of ")["loss"]
+    grads_pairs = _grads_reached(tiny_model, loss_pairs)
+    pair_grad = tiny_model.query_tokens.grad.clone()
+    grouped = {"features": features, "references": references}
+    loss_images = tiny_model(grouped, objective="lm", prompt="a photo of ")["loss"]
+    assert _grads_reached(tiny_model, loss_images) == grads_pairs
+    assert torch.allclose(loss_images, loss_pairs, atol=1e-6)
+    assert torch.allclose(tiny_model.query_tokens.grad, pair_grad, atol=1e-6)
+
+
+def test_lm_flops_per_image_count_the_lm_once_per_caption(tiny_model):
+    one, five = (tiny_model.flops_per_sample("lm", n) for n in (1, 5))
+    lm_only = one - tiny_model.flops_per_sample("lm", 0)
+    assert lm_only > 0 and five == pytest.approx(one + 4 * lm_only)

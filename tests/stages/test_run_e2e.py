@@ -86,3 +86,32 @@ def test_self_critical_stage_trains_on_rewards_validates_and_keeps_the_best(tmp_
     run = client.search_runs([client.get_experiment_by_name("bita").experiment_id])[0]
     rewards = client.get_metric_history(run.info.run_id, "scst/train/reward")
     assert rewards and all(r.value >= 0 for r in rewards)
+
+
+def test_finetune_batched_by_image_counts_images_per_step(tmp_path):
+    bita_run(
+        tmp_path,
+        "experiment=tiny",
+        "stage.order=[lm,finetune]",
+        "+stage.recipes.lm.train.max_steps=2",
+        "stage.recipes.finetune.batch_by_image=true",
+        "train.global_batch_size=8",
+    )
+    stage_dir = next((tmp_path / "runs/tiny").iterdir()) / "finetune"
+    assert trainer_step(stage_dir / "checkpoints/best") == 62 // 8  # demo train images, not pairs
+
+
+@pytest.mark.parametrize(("stage", "by_image"), [("pretrain1", "true"), ("scst", "false")])
+def test_a_stage_that_cannot_batch_as_asked_names_the_option(tmp_path, stage, by_image):
+    result = bita_run(
+        tmp_path,
+        "experiment=tiny",
+        f"stage={stage}",
+        "dataset=demo",
+        f"stage.batch_by_image={by_image}",
+        check=False,
+    )
+    assert result.returncode != 0
+    assert f"stage.batch_by_image must be {'false' if by_image == 'true' else 'true'}" in (
+        result.stderr
+    )
