@@ -8,7 +8,6 @@ import torch
 
 from bita.data import stream
 from bita.eval.evaluate import evaluate
-from bita.models.trainable import eval_mode
 from bita.stages.common import shard_set
 from bita.stages.context import StageContext
 
@@ -37,17 +36,16 @@ def score_split(
         rank=ctx.dist.rank,
         world_size=ctx.dist.world_size,
     )
-    with eval_mode(model):
-        return evaluate(
-            model,
-            batches,
-            decode=ctx.cfg.decode,
-            out_dir=out_dir,
-            dataset=ctx.cfg.dataset.eval_source,
-            split=split,
-            checkpoint=checkpoint,
-            gallery_size=ctx.cfg.eval.gallery_size,
-            tracker=ctx.tracker,
-            spice_dir=ctx.cfg.paths.spice,
-            step=step,
-        )
+    return evaluate(
+        model,
+        batches,
+        decode=ctx.cfg.decode,
+        out_dir=out_dir,
+        dataset=ctx.cfg.dataset.eval_source,
+        split=split,
+        checkpoint=checkpoint,
+        gallery_size=ctx.cfg.eval.gallery_size,
+        tracker=ctx.tracker,
+        spice_dir=ctx.cfg.paths.spice,
+        step=step,
+    )
