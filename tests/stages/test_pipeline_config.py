@@ -68,6 +68,8 @@ def test_recipe_module_is_found_by_name():
         recipe_for(OmegaConf.create({"name": "x", "recipe": "nothing"}))
 
 
-def test_deepspeed_local_rank_is_stripped():
+def test_deepspeed_local_rank_is_stripped(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")  # recorded, so teardown restores the original
+    monkeypatch.delenv("LOCAL_RANK")  # unset, so stripping moves the flag's value into it
     argv = ["bita.run", "--local_rank=1", "stage=pretrain1", "--local_rank", "2", "dataset=all"]
     assert strip_launcher_args(argv) == ["bita.run", "stage=pretrain1", "dataset=all"]
