@@ -72,6 +72,7 @@ def options_from(cfg: DictConfig) -> CacheOptions:
     features = cfg.features
     return CacheOptions(
         views=int(features.views),
+        augment=bool(cfg.augment),
         batch_size=int(features.batch_size),
         num_workers=int(cfg.hardware.num_workers),
         max_shard_images=int(features.max_shard_images),

@@ -50,9 +50,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CacheOptions:
-    """How a cache is written (none of this changes the tokens, so none is fingerprinted)."""
+    """How a cache is written (``views`` and ``augment`` decide the tokens and are
+    fingerprinted; the rest does not)."""
 
     views: int = 1
+    augment: bool = True  # the run's `augment`: train views through the train transform
     batch_size: int = 64  # tower inputs (images × views) per forward pass
     num_workers: int = 0
     max_shard_images: int = 1000
@@ -83,7 +85,7 @@ def cache_features(
     options: CacheOptions,
 ) -> dict[str, dict]:
     """Cache every split of every source of ``dataset_cfg``; returns the manifests by source."""
-    settings = fingerprint_settings(encoder_cfg, tower, options.views)
+    settings = fingerprint_settings(encoder_cfg, tower, options.views, options.augment)
     sources = {s["name"] for s in dataset_cfg["sources"]} | {str(dataset_cfg["eval_source"])}
     return {
         source: _cache_source(dataset_cfg, source, settings, tower, Path(out_root), options)
@@ -187,9 +189,8 @@ def _run_units(
     if not units:
         return
     sizes = {s["file"]: s["images"] for e in image_manifest["splits"].values() for s in e["shards"]}
-    views = _ViewImages(
-        units, cache_transforms(tower.preprocess), options.views, options.batch_size
-    )
+    transforms = cache_transforms(tower.preprocess, options.augment)
+    views = _ViewImages(units, transforms, options.views, options.batch_size)
     loader = DataLoader(
         views,
         batch_size=None,

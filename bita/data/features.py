@@ -7,9 +7,10 @@ saves the tower's forward pass on every step of every later epoch and stage.
 Layout, mirroring the image shards: ``<root>/<source>/<split>/*.tar`` and
 ``<root>/<source>/manifest.json``. Samples keep the image shards' keys and ``json`` records
 and add ``f<v>.npy``, view ``v`` as a float16 [tokens, width] array. The training split
-(``dataset.train_split``) holds ``views`` views made by the train transform, each with a seed
-fixed by (key, view); every other split holds one eval-transform view plus the encoded image
-(evaluation galleries show it). Epoch ``e`` of training reads view ``e % views``.
+(``dataset.train_split``) holds ``views`` views made by the train transform (the eval
+transform when the run's ``augment`` is false), each with a seed fixed by (key, view); every
+other split holds one eval-transform view plus the encoded image (evaluation galleries show
+it). Epoch ``e`` of training reads view ``e % views``.
 
 Fingerprint. The manifest stores, and readers recompute, a hash of everything that decides the
 tokens: the encoder config (all of it but ``in_checkpoint``), a digest of the tower's weights
@@ -54,12 +55,13 @@ def view_seed(key: str, view: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def cache_transforms(preprocess: Any) -> dict[str, Transform]:
-    """The transforms the uncached stages apply for this tower (SPEC §2): what the cache must
-    reproduce, and what its fingerprint describes."""
+def cache_transforms(preprocess: Any, augment: bool = True) -> dict[str, Transform]:
+    """The transforms the uncached stages apply for this tower (SPEC §2; ``augment`` is the
+    run's `augment` setting): what the cache must reproduce, and what its fingerprint
+    describes."""
     size, mean, std = preprocess.size, preprocess.mean, preprocess.std
     return {
-        "train": transforms.train_transform(size, mean, std),
+        "train": transforms.training_transform(size, mean, std, augment),
         "eval": transforms.eval_transform(size, mean, std),
     }
 
@@ -74,17 +76,24 @@ def weights_digest(tower: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def fingerprint_settings(encoder_cfg: Mapping[str, Any], tower: nn.Module, views: int) -> dict:
+def fingerprint_settings(
+    encoder_cfg: Mapping[str, Any], tower: nn.Module, views: int, augment: bool = True
+) -> dict:
     """Everything that decides the cached tokens (see the module docstring)."""
     if int(views) < 1:
         raise ValueError(f"features.views={views}: expected at least 1")
+    if int(views) > 1 and not augment:
+        raise ValueError(
+            f"features.views={views} with augment=false: every view would be the same eval "
+            "view; expected features.views=1 (or augment=true)"
+        )
     encoder = {k: v for k, v in _plain(encoder_cfg).items() if k != "in_checkpoint"}
     return {
         "format": FORMAT,
         "storage": STORAGE_DTYPE,
         "encoder": encoder,
         "weights_sha256": weights_digest(tower),
-        "transforms": {k: repr(t) for k, t in cache_transforms(tower.preprocess).items()},
+        "transforms": {k: repr(t) for k, t in cache_transforms(tower.preprocess, augment).items()},
         "views": int(views),
     }
 
@@ -178,13 +187,16 @@ def open_cache(
     dataset_cfg: Any,
     encoder_cfg: Mapping[str, Any],
     tower: nn.Module,
+    augment: bool = True,
 ) -> FeatureCache | None:
     """The configured cache after checking every source's fingerprint against this run's
-    tower; None when ``features.root`` is null (the stages then read images)."""
+    tower and `augment` setting; None when ``features.root`` is null (the stages then read
+    images)."""
     if not features_cfg or not features_cfg.get("root"):
         return None
     root = resolve_location(str(features_cfg["root"]))
-    expected = fingerprint_settings(encoder_cfg, tower, int(features_cfg.get("views", 1)))
+    views = int(features_cfg.get("views", 1))
+    expected = fingerprint_settings(encoder_cfg, tower, views, augment)
     sources = {s["name"] for s in dataset_cfg["sources"]} | {str(dataset_cfg["eval_source"])}
     roles = {}
     for source in sorted(sources):

@@ -26,6 +26,16 @@ def train_transform(
     )
 
 
+def training_transform(
+    size: int, mean: Sequence[float], std: Sequence[float], augment: bool
+) -> T.Compose:
+    """What training images go through: the augmenting train transform, or (``augment``
+    false) the eval view, so that a model is trained on exactly what it is evaluated on."""
+    if augment:
+        return train_transform(size, mean, std)
+    return eval_transform(size, mean, std)
+
+
 def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
     """Resize to size×size (bicubic, no crop: aerial scenes have no centre), then normalise."""
     return T.Compose(

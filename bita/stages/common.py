@@ -66,7 +66,11 @@ def build_stage_model(ctx: StageContext) -> torch.nn.Module:
 def feature_cache(ctx: StageContext, model: torch.nn.Module) -> features.FeatureCache | None:
     """The configured frozen-feature cache, checked against this model's tower (None: images)."""
     return features.open_cache(
-        ctx.cfg.get("features"), ctx.cfg.dataset, ctx.cfg.encoder, model.encoder
+        ctx.cfg.get("features"),
+        ctx.cfg.dataset,
+        ctx.cfg.encoder,
+        model.encoder,
+        augment=bool(ctx.cfg.augment),
     )
 
 
@@ -74,7 +78,8 @@ def shard_set(
     ctx: StageContext, model: torch.nn.Module, split: str, *, train: bool
 ) -> stream.ShardSet:
     """Where a split's samples come from: the feature cache when one is configured, else the
-    image shards decoded with the tower's train (augmenting) or eval transform."""
+    image shards decoded with the tower's training transform (see `augment`) or eval
+    transform."""
     cache = feature_cache(ctx, model)
     if cache:
         return (
@@ -83,8 +88,12 @@ def shard_set(
             else cache.eval_shards(ctx.cfg.dataset, split)
         )
     pre = model.preprocess
-    make_transform = transforms.train_transform if train else transforms.eval_transform
-    return stream.image_shards(ctx.cfg.dataset, make_transform(pre.size, pre.mean, pre.std))
+    transform = (
+        transforms.training_transform(pre.size, pre.mean, pre.std, bool(ctx.cfg.augment))
+        if train
+        else transforms.eval_transform(pre.size, pre.mean, pre.std)
+    )
+    return stream.image_shards(ctx.cfg.dataset, transform)
 
 
 def batch_by_image(ctx: StageContext) -> bool:

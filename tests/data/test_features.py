@@ -169,6 +169,10 @@ def test_a_cache_of_another_tower_preprocessing_or_view_count_is_refused(cfg, mo
         features.open_cache(features_cfg, cfg.dataset, cfg.encoder, other_weights)
     with pytest.raises(ValueError, match=r"views: cache 2 vs run 1"):
         features.open_cache({**features_cfg, "views": 1}, cfg.dataset, cfg.encoder, model.encoder)
+    one_view = {**features_cfg, "views": 1}
+    foreign_train_view = r"(?s)transforms.train: cache .*RandomResizedCrop.* vs run"
+    with pytest.raises(ValueError, match=foreign_train_view):
+        features.open_cache(one_view, cfg.dataset, cfg.encoder, model.encoder, augment=False)
     with pytest.raises(FileNotFoundError, match="tools/cache_features.py"):
         features.open_cache(
             {**features_cfg, "root": str(cache_root / "nowhere")},
@@ -179,6 +183,24 @@ def test_a_cache_of_another_tower_preprocessing_or_view_count_is_refused(cfg, mo
     cache = features.open_cache(features_cfg, cfg.dataset, cfg.encoder, model.encoder)
     with pytest.raises(ValueError, match="split 'val' holds eval views"):
         cache.train_shards(cfg.dataset, "val")
+
+
+def test_without_augment_training_views_are_the_eval_view(cfg, model, tmp_path):
+    options = replace(OPTIONS, views=1, augment=False)
+    cache_features(cfg.dataset, cfg.encoder, model.encoder, tmp_path, options)
+    stored = tar_samples(tmp_path / "rsicd" / "train")
+    demo = Path(resolve_location(cfg.dataset.root)) / "rsicd" / "train"
+    key, sample = sorted(tar_samples(demo).items())[3]
+    eval_view = features.cache_transforms(model.preprocess)["eval"]
+    pixels = eval_view(load_image(sample["jpg"], name=key))
+    cached = features.decode_features(key, stored[key][features.view_member(0)], None)
+    torch.testing.assert_close(
+        cached.float(), model.encode_images(pixels[None])[0], atol=2e-3, rtol=2e-3
+    )
+    features_cfg = {**cfg.features, "root": str(tmp_path), "views": 1}
+    assert features.open_cache(features_cfg, cfg.dataset, cfg.encoder, model.encoder, False)
+    with pytest.raises(ValueError, match="features.views=2 with augment=false"):
+        cache_features(cfg.dataset, cfg.encoder, model.encoder, tmp_path, replace(options, views=2))
 
 
 def test_writing_is_deterministic_resumable_and_skips_an_up_to_date_cache(
