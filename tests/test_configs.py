@@ -77,8 +77,9 @@ def test_unknown_option_lists_the_valid_ones():
     assert "clip_vit_l14" in str(err.value) and "effnet_lite0" in str(err.value)
 
 
-def test_offline_rsicd_keeps_scst_optional_with_the_fine_tune_trainables():
+def test_offline_rsicd_runs_scst_after_fine_tuning_with_its_trainables():
     stage = composed("experiment=offline_rsicd").stage
-    assert "scst" not in stage.order and stage.recipes.scst.recipe == "self_critical"
+    assert list(stage.order[-3:]) == ["finetune", "scst", "evaluate"]
+    assert stage.recipes.scst.recipe == "self_critical"
     assert list(stage.recipes.scst.trainable) == list(stage.recipes.finetune.trainable)
     assert "llm.*" in stage.recipes.scst.trainable
