@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_file
 
-from bita.data import features, stream, transforms
+from bita.data import features, stream
 from bita.engine.trainer import Trainer
 from bita.models.build import build_model
 from bita.models.trainable import set_trainable
@@ -79,7 +79,7 @@ def shard_set(
 ) -> stream.ShardSet:
     """Where a split's samples come from: the feature cache when one is configured, else the
     image shards decoded with the tower's training transform (see `augment`) or eval
-    transform."""
+    transform, taken from `features.cache_transforms` so both paths see the same images."""
     cache = feature_cache(ctx, model)
     if cache:
         return (
@@ -87,13 +87,8 @@ def shard_set(
             if train
             else cache.eval_shards(ctx.cfg.dataset, split)
         )
-    pre = model.preprocess
-    transform = (
-        transforms.training_transform(pre.size, pre.mean, pre.std, bool(ctx.cfg.augment))
-        if train
-        else transforms.eval_transform(pre.size, pre.mean, pre.std)
-    )
-    return stream.image_shards(ctx.cfg.dataset, transform)
+    pair = features.cache_transforms(model.preprocess, bool(ctx.cfg.augment))
+    return stream.image_shards(ctx.cfg.dataset, pair["train" if train else "eval"])
 
 
 def batch_by_image(ctx: StageContext) -> bool:
