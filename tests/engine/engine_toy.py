@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -144,6 +147,41 @@ def run_toy(
     return trainer, result
 
 
+def toy_command(run_dir: Path, *extra: str) -> list[str]:
+    """This file as a CLI training the toy into `run_dir` (3 epochs unless `extra` says)."""
+    return [sys.executable, __file__, str(run_dir), "--epochs", "3", *extra]
+
+
+def toy_env(accelerator: str = "cpu") -> dict[str, str]:
+    """The environment of a fresh single-process run on `accelerator` (no inherited ranks)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": accelerator}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def read_final(run_dir: Path, rank: int = 0) -> dict:
+    """What `main` wrote at the end of a run: step, world size, pid and trainable weights."""
+    return json.loads((run_dir / f"final.rank{rank}.json").read_text())
+
+
+def kill_after_step(command: list[str], env: dict[str, str], run_dir: Path, step: int) -> int:
+    """Run `command` (a toy run into `run_dir`), SIGKILL it once its last checkpoint reaches
+    `step`, and return the step that checkpoint holds: a crash at an arbitrary point."""
+    victim = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    state_file = run_dir / "checkpoints/last/trainer_state.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and victim.poll() is None:
+        if state_file.exists() and json.loads(state_file.read_text())["step"] >= step:
+            break
+        time.sleep(0.02)
+    if victim.poll() is not None:
+        raise AssertionError(f"the run ended (exit {victim.returncode}) before it was killed")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    return json.loads(state_file.read_text())["step"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir", type=Path)
@@ -151,9 +189,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--steps-per-epoch", type=int, default=4)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--autocast", choices=("bf16", "fp16"), help="default: none")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dist = init_distributed("cpu")
+    dist = init_distributed(args.accelerator)
     trainer, result = run_toy(
         args.run_dir,
         dist,
@@ -161,7 +201,11 @@ def main() -> None:
         sleep=args.sleep,
         epochs=args.epochs,
         save_every_steps=1,
-        hardware={"zero_stage": args.zero},
+        hardware={
+            "zero_stage": args.zero,
+            "accelerator": args.accelerator,
+            "autocast": args.autocast,
+        },
     )
     weights = {k: v.tolist() for k, v in model_state(trainer.model, args.zero).items()}
     out = args.run_dir / f"final.rank{dist.rank}.json"

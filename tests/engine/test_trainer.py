@@ -2,16 +2,13 @@
 multi-process paths (SIGKILL + resume, two ranks under torchrun)."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from engine_toy import run_toy
+from engine_toy import kill_after_step, read_final, run_toy, toy_command, toy_env
 from safetensors.torch import load_file
 
 from bita.engine.checkpoint import model_state
@@ -94,36 +91,9 @@ def test_max_steps_overrides_epochs(dist, tmp_path):
     assert _state(tmp_path)["scheduler"]["lr_lambdas"][0]["total"] == 6
 
 
-def _toy_cmd(run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(TOY), str(run_dir), "--epochs", "3", *extra]
-
-
-def _final(run_dir: Path, rank: int = 0) -> dict:
-    return json.loads((run_dir / f"final.rank{rank}.json").read_text())
-
-
-def _env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
 def test_sigkill_then_resume_gives_same_weights(dist, tmp_path):
     cut_dir = tmp_path / "cut"
-    victim = subprocess.Popen(
-        _toy_cmd(cut_dir, "--sleep", "0.05"), env=_env(), stderr=subprocess.DEVNULL
-    )
-    state_file = cut_dir / "checkpoints/last/trainer_state.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and victim.poll() is None:
-        if state_file.exists() and json.loads(state_file.read_text())["step"] >= 3:
-            break
-        time.sleep(0.02)
-    assert victim.poll() is None, "the run finished before it could be killed"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    killed_at = json.loads(state_file.read_text())["step"]
+    killed_at = kill_after_step(toy_command(cut_dir, "--sleep", "0.05"), toy_env(), cut_dir, 3)
     assert not (cut_dir / "final.rank0.json").exists()
     # Resume and the uninterrupted reference run here (same seed, one thread, like the CLI).
     resumed, result = run_toy(cut_dir, dist, epochs=3, save_every_steps=1)
@@ -154,8 +124,8 @@ def test_two_processes_on_gloo_agree(tmp_path):
         "--steps-per-epoch",
         "2",
     ]
-    subprocess.run(cmd, env=_env(), check=True, stderr=subprocess.DEVNULL, timeout=180)
-    ranks = [_final(tmp_path, r) for r in (0, 1)]
+    subprocess.run(cmd, env=toy_env(), check=True, stderr=subprocess.DEVNULL, timeout=180)
+    ranks = [read_final(tmp_path, r) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["pid"] != ranks[1]["pid"]
     assert ranks[0]["step"] == ranks[1]["step"] == 2
     assert ranks[0]["weights"] == ranks[1]["weights"]

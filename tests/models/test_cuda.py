@@ -1,0 +1,73 @@
+"""The model on a CUDA device (run by tools/gpu_check.sh): the GPU precision policy, the
+feature-cache path and beam search must give what the CPU reference gives, so that a figure
+measured on a GPU is a figure of the same model."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+CAPS = ["many cars are parked in a lot", "a river runs through fields", "white buildings", "a port"]
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def pair(tiny_model):
+    """(the tiny model on the CPU in fp32, an identical copy on CUDA), both in eval mode."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tiny_model.eval()
+    return tiny_model, copy.deepcopy(tiny_model).to(CUDA)
+
+
+def _images(seed: int = 0) -> torch.Tensor:
+    return torch.randn(len(CAPS), 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def _losses_and_grad(model, images: torch.Tensor, autocast: torch.dtype | None):
+    model.zero_grad(set_to_none=True)
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=bool(autocast)):
+        tokens = model.image_tokens(images.to(device))
+        itc = model.itc_loss(tokens, CAPS)["loss"]
+        lm = model.lm_loss(tokens, CAPS, prompt="a photo of ")["loss"]
+    (itc + lm).backward()
+    return itc.item(), lm.item(), model.query_tokens.grad.flatten().float().cpu()
+
+
+def test_bf16_autocast_on_cuda_gives_the_fp32_cpu_losses_and_gradients(pair):
+    """hardware=gpu trains under bf16 autocast; it must be the same objective, not a new one."""
+    cpu, cuda = pair
+    images = _images()
+    itc_ref, lm_ref, grad_ref = _losses_and_grad(cpu, images, None)
+    itc, lm, grad = _losses_and_grad(cuda, images, torch.bfloat16)
+    assert itc == pytest.approx(itc_ref, rel=3e-2)
+    assert lm == pytest.approx(lm_ref, rel=3e-2)
+    assert F.cosine_similarity(grad, grad_ref, dim=0) > 0.98
+
+
+def test_cached_fp16_features_give_the_image_loss_on_cuda(pair):
+    """The feature cache stores the tower's output in fp16; on the GPU the step that reads it
+    must compute the loss of the step that runs the tower."""
+    _, cuda = pair
+    images = _images(1).to(CUDA)
+    with torch.no_grad():
+        features = cuda.encode_images(images).half()
+        from_images = cuda({"image": images, "caption": CAPS}, objective="lm")["loss"]
+        from_cache = cuda({"features": features, "caption": CAPS}, objective="lm")["loss"]
+    assert from_cache.item() == pytest.approx(from_images.item(), rel=1e-3)
+
+
+def test_beam_search_on_cuda_writes_the_cpu_captions(pair):
+    cpu, cuda = pair
+    images = _images(2)
+    settings = {"prompt": "", "num_beams": 3, "max_new_tokens": 8, "min_new_tokens": 3}
+    expected = cpu.generate(cpu.image_tokens(images), **settings)
+    captions = cuda.generate(cuda.image_tokens(images.to(CUDA)), **settings)
+    assert captions == expected
+    assert all(captions)
