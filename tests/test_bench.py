@@ -25,7 +25,8 @@ def bench():
 def test_tiny_preset_prints_one_json_line(bench, tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--preset", "tiny", "--batch", "2", "--warmup", "0", "--iters", "1"]
-    rc = bench.main([*argv, "--new-tokens", "2", "--json", str(out)])
+    profile = tmp_path / "profile.txt"
+    rc = bench.main([*argv, "--new-tokens", "2", "--json", str(out), "--profile", str(profile)])
 
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
@@ -43,6 +44,9 @@ def test_tiny_preset_prints_one_json_line(bench, tmp_path, capsys):
     assert result["lm_text_tokens"] > 20  # captions as long as the reference's 30 tokens
     assert "mfu" not in result  # no peak to compare with on a CPU
     assert any(line.startswith("| pretrain2 | 2 |") for line in lines)
+    sections = [line for line in profile.read_text().splitlines() if line.startswith("## ")]
+    assert len(sections) == len(result["ours"]) + len(result["theirs"])
+    assert "## ours pretrain1" in sections and "## theirs caption_static" in sections
 
 
 def test_bad_arguments_are_refused(bench):

@@ -19,6 +19,7 @@ Phases (images/s):
     python tools/bench.py --preset tiny                                   # seconds, CPU
     python tools/bench.py --preset small                                  # EfficientNet-Lite0, CPU
     python tools/bench.py --preset paper --device cuda --json bench.json  # ViT-L/14, OPT-2.7B
+    python tools/bench.py --preset small --profile profile.txt            # where the time goes
 
 Weights are random at paper scale (no downloads) and tokenizers are trained on the bench's own
 captions, so it runs offline anywhere. Precision follows the `hardware` config group the trainer
@@ -639,10 +640,12 @@ def caption_flops(s: FlopShape, beams: int, new_tokens: int) -> float:
 class Bench:
     """Times phases, the stacks interleaved call by call (ours, theirs, ours, ...) so that load
     from other processes on a shared CPU falls on both alike. A failure is recorded and the
-    rest still runs, so a short GPU lease still yields every figure it can."""
+    rest still runs, so a short GPU lease still yields every figure it can. With `profile`, one
+    more call per side and phase runs under torch.profiler, and its busiest operators are
+    appended to that file: where the time of a step goes, from the same lease."""
 
-    def __init__(self, device: torch.device, warmup: int, iters: int):
-        self.device, self.warmup, self.iters = device, warmup, iters
+    def __init__(self, device: torch.device, warmup: int, iters: int, profile: Path | None = None):
+        self.device, self.warmup, self.iters, self.profile = device, warmup, iters, profile
         self.rates: dict[str, dict[str, float]] = {"ours": {}, "theirs": {}}
         self.errors: dict[str, str] = {}
 
@@ -668,6 +671,25 @@ class Bench:
         for side in calls:
             self.rates[side][phase] = batch / statistics.median(times[side])
             print(f"  {side:6s} {phase:9s} {self.rates[side][phase]:10.1f} img/s", file=sys.stderr)
+            if self.profile:
+                self._profile(side, phase, calls[side])
+
+    def _profile(self, side: str, phase: str, step: Step) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        try:
+            with profile(activities=activities) as prof:
+                self._seconds(step)
+            sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
+        except Exception as err:  # noqa: BLE001 - a profile is extra; the figures stand
+            self._fail(side, f"{phase}.profile", err)
+            return
+        with self.profile.open("a") as out:
+            out.write(f"## {side} {phase}\n{table}\n")
 
     def _seconds(self, step: Step) -> float:
         if self.device.type == "cuda":
@@ -700,6 +722,7 @@ class Settings:
     iters: int
     new_tokens: int
     peak_tflops: float
+    profile: Path | None = None
 
     @property
     def preset(self) -> Preset:
@@ -714,7 +737,7 @@ def run(settings: Settings) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     load_before = os.getloadavg()[0]
-    bench = Bench(device, settings.warmup, settings.iters)
+    bench = Bench(device, settings.warmup, settings.iters, settings.profile)
     flops: dict[str, dict[str, float]] = {"ours": {}, "theirs": {}}
     with tempfile.TemporaryDirectory(prefix="bita-bench-") as tmp:
         cfg = compose_config(settings.preset, bench_tokenizers(Path(tmp)))
@@ -924,6 +947,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="device peak for MFU (default: H100 SXM bf16 dense)",
     )
     parser.add_argument("--json", type=Path, help="also write the JSON result to this file")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="append each side's busiest operators per phase (torch.profiler) to this file",
+    )
     args = parser.parse_args(argv)
     for name in ("batch", "iters", "threads", "new_tokens", "peak_tflops"):
         value = getattr(args, name)
@@ -950,6 +978,7 @@ def main(argv: list[str] | None = None) -> int:
         iters=args.iters or preset.iters,
         new_tokens=args.new_tokens,
         peak_tflops=args.peak_tflops,
+        profile=args.profile,
     )
     result = run(settings)
     print(table(result))

@@ -94,7 +94,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time cap, log to $LOGS/NAME
 }
 
 # the figures first, so that a short lease yields them even if a test hangs to its time cap
-step bench 260 "$PYTHON" tools/bench.py --preset paper --device cuda --json "$LOGS/bench.json"
+step bench 260 "$PYTHON" tools/bench.py --preset paper --device cuda --json "$LOGS/bench.json" \
+  --profile "$LOGS/profile.txt"
 step gpu_reference 60 env OUT="$LOGS" "$PYTHON" "$REFERENCE"
 # only the files that mark tests gpu: the others may import packages the GPU image lacks
 mapfile -t gpu_tests < <(grep -rl --include='*.py' "mark.gpu" tests)
@@ -104,7 +105,7 @@ else
   echo "== pytest_gpu: no test is marked gpu" | tee -a "$LOGS/summary.txt"
 fi
 
-echo "logs: $LOGS (bench.json, gpu_anchor.json, *.log); total ${SECONDS}s" | tee -a "$LOGS/summary.txt"
+echo "logs: $LOGS (bench.json, profile.txt, gpu_anchor.json, *.log); total ${SECONDS}s" | tee -a "$LOGS/summary.txt"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu_check: FAILED: ${failed[*]}" | tee -a "$LOGS/summary.txt"
   exit 1
