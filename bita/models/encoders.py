@@ -63,7 +63,13 @@ class FrozenImageEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body(images.to(self.dtype))
+        """A half-precision tower runs with autocast off: its weights already are in that dtype,
+        and under autocast each LayerNorm would round-trip its activations through fp32 (copies
+        were 16 % of the GPU time of a paper-scale stage-1 step, `tools/bench.py --profile`)."""
+        if self.dtype == torch.float32:
+            return self.body(images.to(self.dtype))
+        with torch.autocast(images.device.type, enabled=False):
+            return self.body(images.to(self.dtype))
 
 
 class TruncatedViT(nn.Module):

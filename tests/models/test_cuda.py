@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+
+from bita.models.build import build_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,11 +19,18 @@ CUDA = torch.device("cuda")
 
 
 @pytest.fixture
-def pair(tiny_model):
-    """(the tiny model on the CPU in fp32, an identical copy on CUDA), both in eval mode."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    tiny_model.eval()
-    return tiny_model, copy.deepcopy(tiny_model).to(CUDA)
+def pair(tiny_cfg):
+    """(a seeded tiny model on the CPU in fp32, an identical copy on CUDA), both in eval mode;
+    TF32 off, so that fp32 on the GPU is fp32."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg).eval()
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield model, copy.deepcopy(model).to(CUDA)
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _images(seed: int = 0) -> torch.Tensor:
@@ -37,18 +45,22 @@ def _losses_and_grad(model, images: torch.Tensor, autocast: torch.dtype | None):
         itc = model.itc_loss(tokens, CAPS)["loss"]
         lm = model.lm_loss(tokens, CAPS, prompt="a photo of ")["loss"]
     (itc + lm).backward()
-    return itc.item(), lm.item(), model.query_tokens.grad.flatten().float().cpu()
+    grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+    return itc.item(), lm.item(), torch.cat(grads).float().cpu()
 
 
-def test_bf16_autocast_on_cuda_gives_the_fp32_cpu_losses_and_gradients(pair):
-    """hardware=gpu trains under bf16 autocast; it must be the same objective, not a new one."""
+def test_cuda_gives_the_cpu_losses_and_gradients_and_bf16_autocast_the_losses(pair):
+    """In fp32 the GPU computes the CPU's function; hardware=gpu's bf16 autocast then changes
+    the losses by rounding only (its gradients differ by bf16 noise, too seed-dependent for a
+    tight check on a tiny model: cosine .96-.9997 to fp32 over 8 seeds on the CPU)."""
     cpu, cuda = pair
     images = _images()
     itc_ref, lm_ref, grad_ref = _losses_and_grad(cpu, images, None)
-    itc, lm, grad = _losses_and_grad(cuda, images, torch.bfloat16)
-    assert itc == pytest.approx(itc_ref, rel=3e-2)
-    assert lm == pytest.approx(lm_ref, rel=3e-2)
-    assert F.cosine_similarity(grad, grad_ref, dim=0) > 0.98
+    itc, lm, grad = _losses_and_grad(cuda, images, None)
+    assert (itc, lm) == (pytest.approx(itc_ref, rel=1e-4), pytest.approx(lm_ref, rel=1e-4))
+    assert (grad - grad_ref).norm() <= 1e-3 * grad_ref.norm()
+    itc, lm, _ = _losses_and_grad(cuda, images, torch.bfloat16)
+    assert (itc, lm) == (pytest.approx(itc_ref, rel=3e-2), pytest.approx(lm_ref, rel=3e-2))
 
 
 def test_cached_fp16_features_give_the_image_loss_on_cuda(pair):
