@@ -13,8 +13,6 @@ Phases (images/s):
              cache (tools/cache_features.py) serves it, so the tower does not run; beside
              BLIP-2's stage-2 step again (it has no such cache): what a user of each gets
   caption    beam 5, exactly `--new-tokens` new tokens (min = max), from pixels to text
-  caption_static  the same with transformers' static KV cache (`decode.kv_cache=static`), which
-             on CUDA compiles the decoding step (CUDA graphs) during the warm-up calls
 
     python tools/bench.py --preset tiny                                   # seconds, CPU
     python tools/bench.py --preset small                                  # EfficientNet-Lite0, CPU
@@ -58,7 +56,7 @@ from bita.models.llm import train_caption_tokenizer
 from bita.models.trainable import set_trainable
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-PHASES = ("pretrain1", "pretrain2", "pretrain2_cached", "caption", "caption_static")
+PHASES = ("pretrain1", "pretrain2", "pretrain2_cached", "caption")
 IGNORE_INDEX = -100
 BEAMS = 5
 Step = Callable[[], None]
@@ -124,13 +122,7 @@ def cpu_preset(**groups: str) -> Preset:
         groups={**groups, "hardware": "cpu"},
         overrides=(),
         device="cpu",
-        batch={
-            "pretrain1": 16,
-            "pretrain2": 16,
-            "pretrain2_cached": 16,
-            "caption": 8,
-            "caption_static": 8,
-        },
+        batch={"pretrain1": 16, "pretrain2": 16, "pretrain2_cached": 16, "caption": 8},
         warmup=1,
         iters=3,
         targets={"ratio.pretrain2": 1.5},
@@ -150,21 +142,10 @@ PRESETS = {
         # random weights: nothing to download, and the GPU machine is offline
         overrides=("encoder.pretrained=null", "qformer.init_from=null", "llm.pretrained=null"),
         device="cuda",
-        batch={
-            "pretrain1": 256,
-            "pretrain2": 64,
-            "pretrain2_cached": 64,
-            "caption": 32,
-            "caption_static": 32,
-        },
+        batch={"pretrain1": 256, "pretrain2": 64, "pretrain2_cached": 64, "caption": 32},
         warmup=2,
         iters=5,
-        targets={
-            "ours.pretrain1": 2000.0,
-            "ours.pretrain2": 700.0,
-            "ours.caption": 250.0,
-            "ours.caption_static": 250.0,
-        },
+        targets={"ours.pretrain1": 2000.0, "ours.pretrain2": 700.0, "ours.caption": 250.0},
         # transformers' stacks on one H100, bf16 (../shared/bench/gpu_reference.py)
         reference={"pretrain2": 423.0, "caption": 72.5},
     ),
@@ -501,51 +482,42 @@ def their_train_step(
     return train_step(loss, params, device, precision)
 
 
-@dataclass(frozen=True)
-class CaptionCall:
-    """What both stacks' captioning is given: beam 5, exactly `new_tokens`, one KV cache kind."""
-
-    inputs: Inputs
-    new_tokens: int
-    kv_cache: str
-    device: torch.device
-    precision: Precision
-
-
-def our_caption(model: nn.Module, call: CaptionCall) -> Step:
+def our_caption(
+    model: nn.Module, inputs: Inputs, new_tokens: int, device: torch.device, precision: Precision
+) -> Step:
     model.eval()
 
     def run() -> None:
-        with torch.no_grad(), call.precision.context(call.device):
+        with torch.no_grad(), precision.context(device):
             model.generate(
-                model.image_tokens(images=call.inputs.images),
+                model.image_tokens(images=inputs.images),
                 prompt="",
                 num_beams=BEAMS,
-                max_new_tokens=call.new_tokens,
-                min_new_tokens=call.new_tokens,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
                 length_penalty=1.0,
                 repetition_penalty=1.0,
                 do_sample=False,
                 top_p=1.0,
                 temperature=1.0,
-                kv_cache=call.kv_cache,
             )
 
     return run
 
 
-def their_caption(blip: nn.Module, call: CaptionCall) -> Step:
+def their_caption(
+    blip: nn.Module, inputs: Inputs, new_tokens: int, device: torch.device, precision: Precision
+) -> Step:
     blip.eval()
 
     def run() -> None:
-        with torch.no_grad(), call.precision.context(call.device):
+        with torch.no_grad(), precision.context(device):
             blip.generate(
-                pixel_values=call.inputs.images,
+                pixel_values=inputs.images,
                 num_beams=BEAMS,
-                max_new_tokens=call.new_tokens,
-                min_new_tokens=call.new_tokens,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
                 do_sample=False,
-                cache_implementation=call.kv_cache,
             )
 
     return run
@@ -768,7 +740,6 @@ def run(settings: Settings) -> dict[str, Any]:
         flops["theirs"]["pretrain2_cached"] = flops["theirs"]["pretrain2"]
         for side, s in (("ours", shape), ("theirs", their_shape)):
             flops[side]["caption"] = caption_flops(s, BEAMS, new_tokens)
-            flops[side]["caption_static"] = flops[side]["caption"]
 
         lm = make_inputs(batch["pretrain2"], size, device)
         lm_batch = ours.llm.tokenize_captions(lm.captions, "", ours.settings.max_lm_tokens)
@@ -788,17 +759,15 @@ def run(settings: Settings) -> dict[str, Any]:
                 "theirs": partial(their_train_step, theirs, lm_batch, lm, spec, device, precision),
             },
         )
-        for phase, kv_cache in (("caption", "dynamic"), ("caption_static", "static")):
-            captions = make_inputs(batch[phase], size, device)
-            decode = CaptionCall(captions, new_tokens, kv_cache, device, precision)
-            bench.measure(
-                phase,
-                batch[phase],
-                {
-                    "ours": partial(our_caption, ours, decode),
-                    "theirs": partial(their_caption, theirs, decode),
-                },
-            )
+        captions = make_inputs(batch["caption"], size, device)
+        bench.measure(
+            "caption",
+            batch["caption"],
+            {
+                "ours": partial(our_caption, ours, captions, new_tokens, device, precision),
+                "theirs": partial(their_caption, theirs, captions, new_tokens, device, precision),
+            },
+        )
         del ours, theirs
         release(device)
 

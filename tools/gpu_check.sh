@@ -101,13 +101,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time cap, log to $LOGS/NAME
 }
 
 # the figures first, so that a short lease yields them even if a test hangs to its time cap
-step bench 260 "$PYTHON" tools/bench.py --preset paper --device cuda --json "$LOGS/bench.json" \
+step bench 210 "$PYTHON" tools/bench.py --preset paper --device cuda --json "$LOGS/bench.json" \
   --profile "$LOGS/profile.txt"
-step gpu_reference 60 env OUT="$LOGS" "$PYTHON" "$REFERENCE"
+step gpu_reference 90 env OUT="$LOGS" "$PYTHON" "$REFERENCE"
 # only the files that mark tests gpu: the others may import packages the GPU image lacks
 mapfile -t gpu_tests < <(grep -rl --include='*.py' "mark.gpu" tests)
 if [ ${#gpu_tests[@]} -gt 0 ]; then
-  step pytest_gpu 160 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider "${gpu_tests[@]}"
+  step pytest_gpu 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider "${gpu_tests[@]}"
 else
   echo "== pytest_gpu: no test is marked gpu" | tee -a "$LOGS/summary.txt"
 fi

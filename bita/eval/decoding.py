@@ -15,10 +15,6 @@ import torch
 
 from bita.models.trainable import eval_mode
 
-# transformers' `cache_implementation`: "static" preallocates the KV cache, and on CUDA
-# transformers then compiles the decoding step (CUDA graphs) on the first batch of each size
-KV_CACHES = ("dynamic", "static")
-
 
 @dataclass(frozen=True)
 class DecodeSettings:
@@ -34,7 +30,6 @@ class DecodeSettings:
     top_p: float = 0.9
     temperature: float = 1.0
     batch_size: int = 32
-    kv_cache: str = "dynamic"
 
     def __post_init__(self) -> None:
         checks = {
@@ -45,15 +40,13 @@ class DecodeSettings:
             "top_p": 0 < self.top_p <= 1,
             "temperature": self.temperature > 0,
             "batch_size": self.batch_size >= 1,
-            "kv_cache": self.kv_cache in KV_CACHES,
         }
         wrong = [name for name, ok in checks.items() if not ok]
         if wrong:
             raise ValueError(
                 f"decode.{wrong[0]}={getattr(self, wrong[0])!r} is invalid: expected "
                 "num_beams, max_new_tokens, batch_size >= 1, 0 <= min_new_tokens <= "
-                "max_new_tokens, repetition_penalty > 0, 0 < top_p <= 1, temperature > 0, "
-                f"kv_cache one of {KV_CACHES}"
+                "max_new_tokens, repetition_penalty > 0, 0 < top_p <= 1, temperature > 0"
             )
 
     @classmethod

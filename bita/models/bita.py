@@ -203,10 +203,8 @@ class BITA(nn.Module):
         do_sample: bool = False,
         top_p: float = 0.9,
         temperature: float = 1.0,
-        kv_cache: str = "dynamic",
     ) -> list[str]:
-        """One caption per image (SPEC §3 defaults): beam search, stop at "\n", stripped.
-        `kv_cache` is transformers' `cache_implementation` (`decode.kv_cache`)."""
+        """One caption per image (SPEC §3 defaults): beam search, stop at "\n", stripped."""
         sampling = {"top_p": top_p, "temperature": temperature} if do_sample else {}
         prefix = self.lm_prefix(image_tokens)
         return self.llm.generate(
@@ -218,7 +216,6 @@ class BITA(nn.Module):
             length_penalty=length_penalty,
             repetition_penalty=repetition_penalty,
             do_sample=do_sample,
-            cache_implementation=kv_cache,
             **sampling,
         )
 

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from bita.models.build import build_model
-from bita.models.llm import PrefixLM, train_caption_tokenizer
+from bita.models.llm import train_caption_tokenizer
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -57,24 +57,6 @@ def tiny_cfg(caption_tokenizer) -> DictConfig:
 @pytest.fixture
 def tiny_model(tiny_cfg):
     return build_model(tiny_cfg)
-
-
-@pytest.fixture(scope="session")
-def memorised_lm(caption_tokenizer) -> tuple[PrefixLM, torch.Tensor, list[str]]:
-    """(a tiny caption LM in eval mode, 3 prefixes, the caption it learnt for each): decoding
-    tests compare real, distinct captions rather than a random LM's identical noise."""
-    cfg = compose_sections("tiny", "tiny", "tiny").llm
-    cfg.tokenizer, cfg.trainable = str(caption_tokenizer), True
-    torch.manual_seed(0)
-    lm = PrefixLM.from_config(cfg)
-    prefix = torch.randn(3, 2, lm.hidden_size)
-    captions = CAPTIONS[:3]
-    optimizer = torch.optim.Adam(lm.parameters(), lr=3e-3)
-    for _ in range(60):
-        optimizer.zero_grad()
-        lm.prefix_loss(prefix, captions, "").backward()
-        optimizer.step()
-    return lm.eval().requires_grad_(False), prefix, captions
 
 
 def _image_tensor(path: Path, preprocess) -> torch.Tensor:

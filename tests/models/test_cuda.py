@@ -83,12 +83,3 @@ def test_beam_search_on_cuda_writes_the_cpu_captions(pair):
     captions = cuda.generate(cuda.image_tokens(images.to(CUDA)), **settings)
     assert captions == expected
     assert all(captions)
-
-
-def test_static_kv_cache_on_cuda_decodes_the_learnt_captions(memorised_lm):
-    """On CUDA `decode.kv_cache=static` makes transformers compile the decoding step."""
-    lm, prefix, captions = memorised_lm
-    lm = copy.deepcopy(lm).to(CUDA)
-    decode = {"num_beams": 3, "max_new_tokens": 24, "min_new_tokens": 2}
-    for kv_cache in ("dynamic", "static", "static"):  # compile, then the compiled step
-        assert lm.generate(prefix.to(CUDA), "", cache_implementation=kv_cache, **decode) == captions

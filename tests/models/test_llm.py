@@ -100,15 +100,6 @@ def test_beam_search_with_one_beam_equals_greedy(lm):
     assert len(beams) == 2 and all(isinstance(t, str) for t in beams)
 
 
-@pytest.mark.parametrize("num_beams", [1, 3])
-def test_static_kv_cache_decodes_what_the_dynamic_cache_decodes(memorised_lm, num_beams):
-    """`decode.kv_cache=static` is a speed setting: it must not change a caption."""
-    lm, prefix, captions = memorised_lm
-    decode = {"num_beams": num_beams, "max_new_tokens": 24, "min_new_tokens": 2}
-    assert lm.generate(prefix, "", **decode) == captions
-    assert lm.generate(prefix, "", cache_implementation="static", **decode) == captions
-
-
 def test_caption_lm_stage_api_trains_and_save_pretrained_round_trips(tiny_cfg, tmp_path):
     cfg = tiny_cfg.llm.copy()
     cfg.trainable = True
