@@ -614,7 +614,9 @@ class Bench:
     from other processes on a shared CPU falls on both alike. A failure is recorded and the
     rest still runs, so a short GPU lease still yields every figure it can. With `profile`, one
     more call per side and phase runs under torch.profiler, and its busiest operators are
-    appended to that file: where the time of a step goes, from the same lease."""
+    appended to that file: where the time of a step goes. On CUDA the profiler stays attached
+    after it ends (pytorch/pytorch#144455): on the H200, captioning timed after a profile ran
+    10 and 21 % slower than in a run without one, so figures come from runs without it."""
 
     def __init__(self, device: torch.device, warmup: int, iters: int, profile: Path | None = None):
         self.device, self.warmup, self.iters, self.profile = device, warmup, iters, profile
@@ -919,7 +921,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         type=Path,
-        help="append each side's busiest operators per phase (torch.profiler) to this file",
+        help="append each side's busiest operators per phase (torch.profiler) to this file; "
+        "on CUDA the profiler slows the launch-bound phases timed after it, so take figures "
+        "from a run without it",
     )
     args = parser.parse_args(argv)
     for name in ("batch", "iters", "threads", "new_tokens", "peak_tflops"):
