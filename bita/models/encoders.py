@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,9 +67,8 @@ class FrozenImageEncoder(nn.Module):
         """A half-precision tower runs with autocast off: its weights already are in that dtype,
         and under autocast each LayerNorm would round-trip its activations through fp32 (copies
         were 16 % of the GPU time of a paper-scale stage-1 step, `tools/bench.py --profile`)."""
-        if self.dtype == torch.float32:
-            return self.body(images.to(self.dtype))
-        with torch.autocast(images.device.type, enabled=False):
+        half = self.dtype != torch.float32
+        with torch.autocast(images.device.type, enabled=False) if half else nullcontext():
             return self.body(images.to(self.dtype))
 
 

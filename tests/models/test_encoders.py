@@ -110,3 +110,21 @@ def test_unknown_kind_is_named(compose):
 def test_clip_weights_offline_fail_with_a_clear_message(compose):
     with pytest.raises(RuntimeError, match="(?s)'openai'.*network access.*pretrained=null"):
         build_image_encoder(compose("clip_vit_l14", "tiny", "tiny").encoder)
+
+
+def test_a_half_precision_tower_runs_outside_autocast(compose):
+    """Under CUDA autocast a bf16 tower's LayerNorms would go through fp32 and back (a sixth
+    of a paper-scale stage-1 step's GPU time); the tower switches autocast off, an fp32 tower
+    keeps it."""
+    seen = {}
+    for dtype in ("bf16", "fp32"):
+        cfg = compose("tiny", "tiny", "tiny").encoder
+        cfg.dtype = dtype
+        encoder = build_image_encoder(cfg)
+        encoder.body.register_forward_pre_hook(
+            lambda *_, dtype=dtype: seen.update({dtype: torch.is_autocast_enabled("cpu")})
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = encoder(torch.randn(2, 3, 64, 64))
+        assert tokens.dtype == torch.bfloat16
+    assert seen == {"bf16": False, "fp32": True}
