@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check (issue 6): CUDA-only tests, our paper-scale benchmark and the off-the-shelf reference
-# stacks, all on one card in one call, under 8 minutes; logs and JSON land in $OUT when set.
+# GPU check (issue 6): our paper-scale benchmark, the off-the-shelf reference stacks, a profiled
+# bench run and the CUDA-only tests, on one card in one call, under 8 minutes; logs, JSON and the
+# profile land in $OUT when set (8 files).
 #   1. here, once (copies what the GPU image lacks into the git-ignored .whl/):
 #        bash tools/gpu_check.sh --stage
 #   2. on the GPU machine, from the repo root (carry .whl):
@@ -12,8 +13,8 @@ cd "$(dirname "$0")/.."
 
 STAGE_DIR=.whl
 DEFAULT_REFERENCE=../shared/bench/gpu_reference.py
-# pure-Python packages the GPU image does not have (it has torch, transformers, timm, tokenizers,
-# einops, ninja, psutil, py-cpuinfo, msgpack): copied from the venv
+# pure-Python packages the GPU image does not have (it has torch, timm, tokenizers, einops, ninja,
+# psutil, py-cpuinfo, msgpack): copied from the venv
 STAGED_PACKAGES="hydra hydra_core-* omegaconf omegaconf-* antlr4 antlr4_python3_runtime-* \
 open_clip open_clip_torch-* ftfy ftfy-* wcwidth wcwidth-* deepspeed deepspeed-* hjson hjson-* \
 pydantic pydantic-* annotated_types annotated_types-* typing_inspection typing_inspection-* \
