@@ -612,7 +612,7 @@ def caption_flops(s: FlopShape, beams: int, new_tokens: int) -> float:
 class Bench:
     """Times phases, the stacks interleaved call by call (ours, theirs, ours, ...) so that load
     from other processes on a shared CPU falls on both alike. A failure is recorded and the
-    rest still runs, so a short GPU lease still yields every figure it can. With `profile`, one
+    rest still runs, so limited GPU time still yields every figure it can. With `profile`, one
     more call per side and phase runs under torch.profiler, and its busiest operators are
     appended to that file: where the time of a step goes. On CUDA the profiler stays attached
     after it ends (pytorch/pytorch#144455): on the H200, captioning timed after a profile ran

@@ -101,7 +101,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time cap, log to $LOGS/NAME
   [ "$rc" -eq 0 ] || failed+=("$name")
 }
 
-# the figures first, so that a short lease yields them even if a test hangs to its time cap
+# the figures first, so that limited GPU time yields them even if a test hangs to its time cap
 step bench 180 "$PYTHON" tools/bench.py --preset paper --device cuda --json "$LOGS/bench.json"
 step gpu_reference 60 env OUT="$LOGS" "$PYTHON" "$REFERENCE"
 # where the time goes, in a process of its own: the profiler stays attached to the GPU after it
