@@ -12,7 +12,12 @@ Phases (images/s):
   pretrain2_cached  our stage-2 step reading the frozen tower's fp16 output as the feature
              cache (tools/cache_features.py) serves it, so the tower does not run; beside
              BLIP-2's stage-2 step again (it has no such cache): what a user of each gets
-  caption    beam 5, exactly `--new-tokens` new tokens (min = max), from pixels to text
+  caption    beam 5, exactly `--new-tokens` new tokens (min = max), from pixels to text: our
+             beam loop (decode.beam_loop=bita: beams share the visual-prefix cache; on CUDA each
+             token's step replays a CUDA graph) beside BLIP-2's `generate`
+  caption_eager  ours, the same loop with decode.cuda_graph=false (CUDA only)
+  caption_transformers  ours through transformers' beam search (decode.beam_loop=transformers):
+             what the loop itself gains, same model, same captions
 
     python tools/bench.py --preset tiny                                   # seconds, CPU
     python tools/bench.py --preset small                                  # EfficientNet-Lite0, CPU
@@ -56,7 +61,19 @@ from bita.models.llm import train_caption_tokenizer
 from bita.models.trainable import set_trainable
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-PHASES = ("pretrain1", "pretrain2", "pretrain2_cached", "caption")
+PHASES = (
+    "pretrain1",
+    "pretrain2",
+    "pretrain2_cached",
+    "caption",
+    "caption_eager",
+    "caption_transformers",
+)
+# our captioning phases besides "caption", and the decode settings that make each
+CAPTION_LOOPS = {
+    "caption_eager": {"beam_loop": "bita", "cuda_graph": False},
+    "caption_transformers": {"beam_loop": "transformers"},
+}
 IGNORE_INDEX = -100
 BEAMS = 5
 Step = Callable[[], None]
@@ -116,13 +133,17 @@ class Preset:
     reference: dict[str, float] = field(default_factory=dict)
 
 
+def caption_batches(size: int) -> dict[str, int]:
+    return {"caption": size, **dict.fromkeys(CAPTION_LOOPS, size)}
+
+
 def cpu_preset(**groups: str) -> Preset:
     """A CPU preset at equal sizes for both stacks; target: stage 2 at 1.5x BLIP-2's speed."""
     return Preset(
         groups={**groups, "hardware": "cpu"},
         overrides=(),
         device="cpu",
-        batch={"pretrain1": 16, "pretrain2": 16, "pretrain2_cached": 16, "caption": 8},
+        batch={"pretrain1": 16, "pretrain2": 16, "pretrain2_cached": 16, **caption_batches(8)},
         warmup=1,
         iters=3,
         targets={"ratio.pretrain2": 1.5},
@@ -142,7 +163,7 @@ PRESETS = {
         # random weights: nothing to download, and the GPU machine is offline
         overrides=("encoder.pretrained=null", "qformer.init_from=null", "llm.pretrained=null"),
         device="cuda",
-        batch={"pretrain1": 256, "pretrain2": 64, "pretrain2_cached": 64, "caption": 32},
+        batch={"pretrain1": 256, "pretrain2": 64, "pretrain2_cached": 64, **caption_batches(32)},
         warmup=2,
         iters=5,
         targets={"ours.pretrain1": 2000.0, "ours.pretrain2": 700.0, "ours.caption": 250.0},
@@ -483,8 +504,14 @@ def their_train_step(
 
 
 def our_caption(
-    model: nn.Module, inputs: Inputs, new_tokens: int, device: torch.device, precision: Precision
+    model: nn.Module,
+    inputs: Inputs,
+    new_tokens: int,
+    device: torch.device,
+    precision: Precision,
+    **loop: Any,
 ) -> Step:
+    """Our captioning; `loop` = `decode.beam_loop` / `decode.cuda_graph` (default: the config's)."""
     model.eval()
 
     def run() -> None:
@@ -500,6 +527,7 @@ def our_caption(
                 do_sample=False,
                 top_p=1.0,
                 temperature=1.0,
+                **loop,
             )
 
     return run
@@ -742,6 +770,8 @@ def run(settings: Settings) -> dict[str, Any]:
         flops["theirs"]["pretrain2_cached"] = flops["theirs"]["pretrain2"]
         for side, s in (("ours", shape), ("theirs", their_shape)):
             flops[side]["caption"] = caption_flops(s, BEAMS, new_tokens)
+        for phase in CAPTION_LOOPS:
+            flops["ours"][phase] = flops["ours"]["caption"]
 
         lm = make_inputs(batch["pretrain2"], size, device)
         lm_batch = ours.llm.tokenize_captions(lm.captions, "", ours.settings.max_lm_tokens)
@@ -770,6 +800,11 @@ def run(settings: Settings) -> dict[str, Any]:
                 "theirs": partial(their_caption, theirs, captions, new_tokens, device, precision),
             },
         )
+        for phase, loop in CAPTION_LOOPS.items():
+            if loop.get("cuda_graph") is False and device.type != "cuda":
+                continue  # without CUDA there is no graph to leave out: "caption" measured it
+            step = partial(our_caption, ours, captions, new_tokens, device, precision, **loop)
+            bench.measure(phase, batch[phase], {"ours": step})
         del ours, theirs
         release(device)
 

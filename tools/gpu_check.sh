@@ -90,9 +90,12 @@ rm -f "$LOGS/imports.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/summary.txt"
 
 failed=()
+# GPU_CHECK_STEPS="bench pytest_gpu" reruns only those steps (names as in the lines below)
+STEPS=" ${GPU_CHECK_STEPS:-bench gpu_reference profile pytest_gpu} "
 step() {  # step NAME SECONDS COMMAND...: run with a time cap, log to $LOGS/NAME.log
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
+  [[ $STEPS == *" $name "* ]] || return 0
   echo "== $name (at most ${limit}s): $*"
   timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   rc=$?
@@ -102,16 +105,17 @@ step() {  # step NAME SECONDS COMMAND...: run with a time cap, log to $LOGS/NAME
 }
 
 # the figures first, so that limited GPU time yields them even if a test hangs to its time cap
-step bench 180 "$PYTHON" tools/bench.py --preset paper --device cuda --json "$LOGS/bench.json"
-step gpu_reference 60 env OUT="$LOGS" "$PYTHON" "$REFERENCE"
+step bench 120 "$PYTHON" tools/bench.py --preset paper --device cuda --json "$LOGS/bench.json"
+step gpu_reference 50 env OUT="$LOGS" "$PYTHON" "$REFERENCE"
 # where the time goes, in a process of its own: the profiler stays attached to the GPU after it
 # ends and slows the launch-bound phases timed after it (pytorch/pytorch#144455)
-step profile 110 "$PYTHON" tools/bench.py --preset paper --device cuda --warmup 1 --iters 1 \
+step profile 100 "$PYTHON" tools/bench.py --preset paper --device cuda --warmup 1 --iters 1 \
   --profile "$LOGS/profile.txt"
 # only the files that mark tests gpu: the others may import packages the GPU image lacks
-mapfile -t gpu_tests < <(grep -rl --include='*.py' "mark.gpu" tests)
+mapfile -t gpu_tests < <(grep -rl --include='*.py' "mark.gpu" tests | sort -r)  # models first
 if [ ${#gpu_tests[@]} -gt 0 ]; then
-  step pytest_gpu 130 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider "${gpu_tests[@]}"
+  step pytest_gpu 200 "$PYTHON" -m pytest -m gpu -v --durations=0 -o faulthandler_timeout=90 \
+    -p no:cacheprovider "${gpu_tests[@]}"
 else
   echo "== pytest_gpu: no test is marked gpu" | tee -a "$LOGS/summary.txt"
 fi

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from bita.models.llm import BEAM_LOOPS
 from bita.models.trainable import eval_mode
 
 
@@ -29,6 +30,8 @@ class DecodeSettings:
     do_sample: bool = False
     top_p: float = 0.9
     temperature: float = 1.0
+    beam_loop: str = "bita"
+    cuda_graph: bool = True
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -40,13 +43,15 @@ class DecodeSettings:
             "top_p": 0 < self.top_p <= 1,
             "temperature": self.temperature > 0,
             "batch_size": self.batch_size >= 1,
+            "beam_loop": self.beam_loop in BEAM_LOOPS,
         }
         wrong = [name for name, ok in checks.items() if not ok]
         if wrong:
             raise ValueError(
                 f"decode.{wrong[0]}={getattr(self, wrong[0])!r} is invalid: expected "
                 "num_beams, max_new_tokens, batch_size >= 1, 0 <= min_new_tokens <= "
-                "max_new_tokens, repetition_penalty > 0, 0 < top_p <= 1, temperature > 0"
+                "max_new_tokens, repetition_penalty > 0, 0 < top_p <= 1, temperature > 0, "
+                f"beam_loop in {BEAM_LOOPS}"
             )
 
     @classmethod

@@ -203,8 +203,12 @@ class BITA(nn.Module):
         do_sample: bool = False,
         top_p: float = 0.9,
         temperature: float = 1.0,
+        beam_loop: str = "bita",
+        cuda_graph: bool = True,
     ) -> list[str]:
-        """One caption per image (SPEC §3 defaults): beam search, stop at "\n", stripped."""
+        """One caption per image (SPEC §3 defaults): beam search, stop at "\n", stripped;
+        `beam_loop` and `cuda_graph` choose how it runs (`PrefixLM.generate`), not what it
+        writes."""
         sampling = {"top_p": top_p, "temperature": temperature} if do_sample else {}
         prefix = self.lm_prefix(image_tokens)
         return self.llm.generate(
@@ -216,6 +220,8 @@ class BITA(nn.Module):
             length_penalty=length_penalty,
             repetition_penalty=repetition_penalty,
             do_sample=do_sample,
+            beam_loop=beam_loop,
+            cuda_graph=cuda_graph,
             **sampling,
         )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from bita.locations import resolve_location
+from bita.models.precision import in_own_precision
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -67,8 +67,7 @@ class FrozenImageEncoder(nn.Module):
         """A half-precision tower runs with autocast off: its weights already are in that dtype,
         and under autocast each LayerNorm would round-trip its activations through fp32 (copies
         were 16 % of the GPU time of a paper-scale stage-1 step, `tools/bench.py --profile`)."""
-        half = self.dtype != torch.float32
-        with torch.autocast(images.device.type, enabled=False) if half else nullcontext():
+        with in_own_precision(self.dtype, images.device.type):
             return self.body(images.to(self.dtype))
 
 

@@ -20,9 +20,12 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from bita.locations import resolve_location
+from bita.models.beam_search import BeamRules, beam_search
 from bita.models.encoders import parse_dtype
+from bita.models.prefix_decoder import DecoderCache
 
 CAPTION_END = "\n"
+BEAM_LOOPS = ("bita", "transformers")  # decode.beam_loop: whose beam search writes captions
 IGNORE_INDEX = -100
 SPECIAL_TOKENS = {
     "pad_token": "<pad>",
@@ -78,6 +81,7 @@ class PrefixLM(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self._decoders = DecoderCache()
         ids = tokenizer(CAPTION_END, add_special_tokens=False).input_ids
         if len(ids) != 1:
             raise ValueError(f"LM tokenizer encodes '\\n' as {ids}; a single token is needed")
@@ -89,6 +93,13 @@ class PrefixLM(nn.Module):
                 f"LM tokenizer has {len(tokenizer)} tokens, the LM embeds only "
                 f"{model.get_input_embeddings().num_embeddings}"
             )
+
+    def train(self, mode: bool = True) -> PrefixLM:
+        """Back to training (after fine-tune validation, say), the decoding buffers and CUDA
+        graphs of the beam loop are freed: at paper scale they hold gigabytes."""
+        if mode:
+            self._decoders = DecoderCache()
+        return super().train(mode)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> PrefixLM:
@@ -193,22 +204,46 @@ class PrefixLM(nn.Module):
         return logits.float(), targets, owners
 
     @torch.no_grad()
-    def generate(self, prefix: torch.Tensor, prompt: str = "", **decode: Any) -> list[str]:
-        """Decode one caption per prefix with transformers `generate` (beam search, sampling…);
-        stops at "\n" and returns stripped strings without the prompt."""
+    def generate(
+        self,
+        prefix: torch.Tensor,
+        prompt: str = "",
+        beam_loop: str = "bita",
+        cuda_graph: bool = True,
+        **decode: Any,
+    ) -> list[str]:
+        """Decode one caption per prefix; stops at "\n" and returns stripped strings without the
+        prompt. `decode` holds transformers `generate` keywords. Beam search runs in
+        `bita.models.beam_search` (same captions, shared prefix cache, a CUDA graph per step
+        when `cuda_graph`) unless `beam_loop="transformers"`; sampling, greedy search and a
+        repetition penalty always use transformers' `generate`."""
+        if beam_loop not in BEAM_LOOPS:
+            raise ValueError(f"decode.beam_loop={beam_loop!r}: expected one of {BEAM_LOOPS}")
         head = torch.tensor([self._prompt_ids(prompt)], device=prefix.device)
         embeds = self._embed(head).expand(prefix.shape[0], -1, -1)
         inputs = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
-        out = self.model.generate(
-            inputs_embeds=inputs,
-            attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long, device=prefix.device),
-            eos_token_id=self.caption_end_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            bos_token_id=self.tokenizer.bos_token_id,
-            **decode,
-        )
+        if beam_loop == "bita" and BeamRules.apply_to(decode):
+            out = self._beam_search(inputs, cuda_graph, decode)
+        else:
+            out = self.model.generate(
+                inputs_embeds=inputs,
+                attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long, device=prefix.device),
+                eos_token_id=self.caption_end_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                bos_token_id=self.tokenizer.bos_token_id,
+                **decode,
+            )
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [t.split(CAPTION_END)[0].strip() for t in texts]
+
+    def _beam_search(
+        self, inputs: torch.Tensor, cuda_graph: bool, decode: Mapping[str, Any]
+    ) -> torch.Tensor:
+        rules = BeamRules.from_decode(decode, self.caption_end_id, self.tokenizer.pad_token_id)
+        decoder, step = self._decoders.get(
+            self.model, inputs, rules.num_beams, rules.max_new_tokens, cuda_graph
+        )
+        return beam_search(decoder, step, inputs, rules)
 
     @torch.no_grad()
     def sample(

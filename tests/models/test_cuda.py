@@ -75,11 +75,41 @@ def test_cached_fp16_features_give_the_image_loss_on_cuda(pair):
     assert from_cache.item() == pytest.approx(from_images.item(), rel=1e-3)
 
 
-def test_beam_search_on_cuda_writes_the_cpu_captions(pair):
+LOOPS = {
+    "bita loop, CUDA graph": {"beam_loop": "bita", "cuda_graph": True},
+    "bita loop, eager": {"beam_loop": "bita", "cuda_graph": False},
+    "transformers": {"beam_loop": "transformers"},
+}
+
+
+@pytest.mark.parametrize("loop", LOOPS.values(), ids=LOOPS.keys())
+def test_beam_search_on_cuda_writes_the_cpu_captions(pair, loop):
     cpu, cuda = pair
     images = _images(2)
     settings = {"prompt": "", "num_beams": 3, "max_new_tokens": 8, "min_new_tokens": 3}
-    expected = cpu.generate(cpu.image_tokens(images), **settings)
-    captions = cuda.generate(cuda.image_tokens(images.to(CUDA)), **settings)
-    assert captions == expected
+    expected = cpu.generate(cpu.image_tokens(images), beam_loop="transformers", **settings)
+    for _ in range(2):  # the second batch replays the graph the first one captured
+        captions = cuda.generate(cuda.image_tokens(images.to(CUDA)), **loop, **settings)
+        assert captions == expected
     assert all(captions)
+
+
+def test_graphed_steps_under_bf16_autocast_compute_the_eager_steps(pair):
+    """hardware=gpu decodes under bf16 autocast: each captured step must replay what the eager
+    step computes there, casts included."""
+    from bita.models.prefix_decoder import GraphedSteps, PrefixDecoder
+
+    _, cuda = pair
+    lm = cuda.llm.model
+    embeds = torch.randn(2, 5, lm.config.hidden_size, device=CUDA)
+    tokens = torch.tensor([5, 6, 7, 8, 9, 10], device=CUDA)
+    source = torch.tensor([2, 2, 0, 4, 3, 5], device=CUDA)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        decoder = PrefixDecoder(lm, batch=2, beams=3, prefix_len=5, new_tokens=4)
+        graphed = GraphedSteps(decoder)
+        decoder.prefill(embeds)
+        for position in range(3):  # each reads what the one before wrote; both ways alike
+            replayed = graphed(tokens + position, source, position).clone()
+            eager = decoder.step(tokens + position, source, position)
+            assert replayed.dtype == eager.dtype == torch.float32
+            torch.testing.assert_close(replayed, eager, rtol=1e-2, atol=1e-2)

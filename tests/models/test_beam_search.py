@@ -1,0 +1,106 @@
+"""The project's beam loop (`decode.beam_loop=bita`) must write transformers' captions: same
+logits from the shared-prefix decoder, same search rules, for every OPT layout we build."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+from bita.eval.decoding import DecodeSettings
+from bita.models.beam_search import BeamRules
+from bita.models.llm import PrefixLM
+from bita.models.prefix_decoder import PrefixDecoder
+
+END_BIAS = 4  # about half the captions end before their token limit
+# post-norm layers (as OPT-350m) and a narrower word embedding projected in and out (same)
+
+
+LAYOUTS = {
+    "pre-norm": {},
+    "post-norm, projected embeddings": {"do_layer_norm_before": False, "word_embed_proj_dim": 32},
+}
+
+
+def opt_lm(tokenizer_dir, head_scale: float = 1.0, end_bias: float = 0.0, **layout) -> PrefixLM:
+    """A seeded 2-layer OPT with our caption tokenizer; `head_scale` sharpens its next-token
+    distributions and `end_bias` raises the end token's logit, so that captions end at
+    different lengths."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        ffn_dim=128,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **layout,
+    )
+    model = OPTForCausalLM(config).eval()
+    lm = PrefixLM(model, tokenizer)
+    head = model.lm_head
+    model.lm_head = torch.nn.Linear(head.in_features, head.out_features)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head.weight * head_scale)
+        model.lm_head.bias.zero_()[lm.caption_end_id] = end_bias
+    return lm
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_prefill_gives_the_lm_logits(caption_tokenizer, layout):
+    lm = opt_lm(caption_tokenizer, **layout)
+    embeds = torch.randn(3, 7, lm.model.get_input_embeddings().embedding_dim)
+    decoder = PrefixDecoder(lm.model, batch=3, beams=2, prefix_len=7, new_tokens=4)
+    expected = lm.model(inputs_embeds=embeds).logits[:, -1]
+    torch.testing.assert_close(decoder.prefill(embeds), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_bita_beam_loop_writes_the_transformers_captions(caption_tokenizer, layout):
+    lm = opt_lm(caption_tokenizer, head_scale=4.0, end_bias=END_BIAS, **layout)
+    searches = [
+        {"num_beams": 3, "max_new_tokens": 8, "min_new_tokens": 0},
+        {"num_beams": 5, "max_new_tokens": 12, "min_new_tokens": 2, "length_penalty": 0.6},
+        {"num_beams": 2, "max_new_tokens": 6, "min_new_tokens": 6, "length_penalty": 1.5},
+    ]
+    ended_early = []
+    for seed in range(6):
+        prefix = torch.randn(4, 3, lm.hidden_size, generator=torch.Generator().manual_seed(seed))
+        for search in searches:
+            ours = lm.generate(prefix, "a photo of ", beam_loop="bita", **search)
+            theirs = lm.generate(prefix, "a photo of ", beam_loop="transformers", **search)
+            assert ours == theirs, (seed, search)
+            ended_early += [len(lm.tokenizer(t).input_ids) < search["max_new_tokens"] for t in ours]
+    # the finishing rules were exercised: many captions ended before the token limit, not all
+    assert 0.2 < sum(ended_early) / len(ended_early) < 0.8
+
+
+def test_sampling_and_one_beam_are_left_to_transformers():
+    assert BeamRules.apply_to({"num_beams": 5, "max_new_tokens": 9})
+    assert not BeamRules.apply_to({"num_beams": 1, "max_new_tokens": 9})
+    assert not BeamRules.apply_to({"num_beams": 5, "max_new_tokens": 9, "do_sample": True})
+    assert not BeamRules.apply_to({"num_beams": 5, "max_new_tokens": 9, "repetition_penalty": 2})
+
+
+def test_unknown_beam_loop_is_refused_by_name(caption_tokenizer):
+    with pytest.raises(ValueError, match="decode.beam_loop='fast'"):
+        DecodeSettings(beam_loop="fast")
+    lm = opt_lm(caption_tokenizer)
+    with pytest.raises(ValueError, match="decode.beam_loop='fast'"):
+        lm.generate(torch.randn(1, 2, lm.hidden_size), beam_loop="fast", num_beams=2)
+
+
+def test_a_copied_lm_builds_its_own_decoder_and_training_frees_it(caption_tokenizer):
+    lm = opt_lm(caption_tokenizer)
+    prefix = torch.randn(2, 3, lm.hidden_size)
+    search = {"num_beams": 2, "max_new_tokens": 4}
+    first = lm.generate(prefix, **search)
+    twin = copy.deepcopy(lm)
+    assert twin._decoders.entries == {} and len(lm._decoders.entries) == 1
+    assert twin.generate(prefix, **search) == first
+    lm.train()  # back to training frees the decoding buffers
+    assert lm._decoders.entries == {}
