@@ -25,6 +25,8 @@ NEVER = -1.0e9  # transformers' score for a slot that must not be chosen
 
 @dataclass(frozen=True)
 class BeamRules:
+    """The `decode` settings the search needs, with the LM's end and padding token ids."""
+
     num_beams: int
     max_new_tokens: int
     min_new_tokens: int
@@ -69,7 +71,9 @@ class _Beams:
     improvable: torch.Tensor  # [B, 1] bool: a running beam may still beat the finished ones
 
     @classmethod
-    def start(cls, batch: int, beams: int, length: int, pad_id: int, device) -> _Beams:
+    def start(
+        cls, batch: int, beams: int, length: int, pad_id: int, device: torch.device
+    ) -> _Beams:
         running = torch.full((batch, beams, length), pad_id, dtype=torch.long, device=device)
         scores = torch.zeros(batch, beams, device=device)
         scores[:, 1:] = NEVER  # the K beams start identical: expand only the first

@@ -209,7 +209,19 @@ class DecoderCache:
         graph = cuda_graph and embeds.device.type == "cuda"
         device = embeds.device.type
         autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
-        key = (id(lm), *embeds.shape[:2], beams, new_tokens, embeds.device, autocast, graph)
+        # the weights' address too: a graph reads weights where they were at capture, and
+        # `.to(...)` or loading with assign=True moves them
+        weights = lm.get_input_embeddings().weight.data_ptr()
+        key = (
+            id(lm),
+            weights,
+            *embeds.shape[:2],
+            beams,
+            new_tokens,
+            embeds.device,
+            autocast,
+            graph,
+        )
         if key not in self.entries:
             while len(self.entries) >= self.size:
                 del self.entries[next(iter(self.entries))]

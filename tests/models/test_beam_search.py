@@ -104,3 +104,17 @@ def test_a_copied_lm_builds_its_own_decoder_and_training_frees_it(caption_tokeni
     assert twin.generate(prefix, **search) == first
     lm.train()  # back to training frees the decoding buffers
     assert lm._decoders.entries == {}
+
+
+def test_a_moved_lm_gets_a_new_decoder(caption_tokenizer):
+    """Buffers (and on CUDA, graphs) belong to the weights they were built for."""
+    lm = opt_lm(caption_tokenizer)
+    prefix = torch.randn(2, 3, lm.hidden_size)
+    search = {"num_beams": 2, "max_new_tokens": 4}
+    lm.generate(prefix, **search)
+    lm.model.to(torch.bfloat16)
+    assert len(lm.generate(prefix, **search)) == 2
+    (decoder, _), (moved, _) = lm._decoders.entries.values()
+    assert (
+        decoder.prefix_cache.dtype == torch.float32 and moved.prefix_cache.dtype == torch.bfloat16
+    )
