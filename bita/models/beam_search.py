@@ -34,6 +34,10 @@ class BeamRules:
     end_id: int
     pad_id: int
 
+    @property
+    def rows_per_image(self) -> int:
+        return self.num_beams
+
     @staticmethod
     def apply_to(decode: Mapping[str, Any]) -> bool:
         """Whether these rules are the search `decode` (the `generate` keywords) asks for: beam

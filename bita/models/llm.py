@@ -23,9 +23,12 @@ from bita.locations import resolve_location
 from bita.models.beam_search import BeamRules, beam_search
 from bita.models.encoders import parse_dtype
 from bita.models.prefix_decoder import DecoderCache
+from bita.models.sampling import SampleRules, sample_search
 
 CAPTION_END = "\n"
-BEAM_LOOPS = ("bita", "transformers")  # decode.beam_loop: whose beam search writes captions
+BEAM_LOOPS = ("bita", "transformers")  # decode.beam_loop: whose loop writes captions
+# the searches the project's loop runs: (settings type, search), the first that applies wins
+SEARCHES = ((BeamRules, beam_search), (SampleRules, sample_search))
 IGNORE_INDEX = -100
 SPECIAL_TOKENS = {
     "pad_token": "<pad>",
@@ -212,18 +215,25 @@ class PrefixLM(nn.Module):
         cuda_graph: bool = True,
         **decode: Any,
     ) -> list[str]:
-        """Decode one caption per prefix; stops at "\n" and returns stripped strings without the
-        prompt. `decode` holds transformers `generate` keywords. Beam search runs in
-        `bita.models.beam_search` (same captions, shared prefix cache, a CUDA graph per step
-        when `cuda_graph`) unless `beam_loop="transformers"`; sampling, greedy search and a
-        repetition penalty always use transformers' `generate`."""
+        """Decode captions for each prefix; stops at "\n" and returns stripped strings without
+        the prompt. `decode` holds transformers `generate` keywords. Beam search
+        (`bita.models.beam_search`) and sampling from the full distribution
+        (`bita.models.sampling`) run on the project's shared-prefix decoder, with a CUDA graph
+        per step when `cuda_graph`, unless `beam_loop="transformers"`; greedy search, top-k or
+        top-p sampling and a repetition penalty always use transformers' `generate`."""
         if beam_loop not in BEAM_LOOPS:
             raise ValueError(f"decode.beam_loop={beam_loop!r}: expected one of {BEAM_LOOPS}")
         head = torch.tensor([self._prompt_ids(prompt)], device=prefix.device)
         embeds = self._embed(head).expand(prefix.shape[0], -1, -1)
         inputs = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
-        if beam_loop == "bita" and BeamRules.apply_to(decode):
-            out = self._beam_search(inputs, cuda_graph, decode)
+        search = next((s for s in SEARCHES if s[0].apply_to(decode)), None)
+        if beam_loop == "bita" and search is not None:
+            rules_type, run_search = search
+            rules = rules_type.from_decode(decode, self.caption_end_id, self.tokenizer.pad_token_id)
+            decoder, step = self._decoders.get(
+                self.model, inputs, rules.rows_per_image, rules.max_new_tokens, cuda_graph
+            )
+            out = run_search(decoder, step, inputs, rules)
         else:
             out = self.model.generate(
                 inputs_embeds=inputs,
@@ -236,15 +246,6 @@ class PrefixLM(nn.Module):
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [t.split(CAPTION_END)[0].strip() for t in texts]
 
-    def _beam_search(
-        self, inputs: torch.Tensor, cuda_graph: bool, decode: Mapping[str, Any]
-    ) -> torch.Tensor:
-        rules = BeamRules.from_decode(decode, self.caption_end_id, self.tokenizer.pad_token_id)
-        decoder, step = self._decoders.get(
-            self.model, inputs, rules.num_beams, rules.max_new_tokens, cuda_graph
-        )
-        return beam_search(decoder, step, inputs, rules)
-
     @torch.no_grad()
     def sample(
         self,
@@ -255,13 +256,17 @@ class PrefixLM(nn.Module):
         max_new_tokens: int,
         min_new_tokens: int = 1,
         temperature: float = 1.0,
+        beam_loop: str = "bita",
     ) -> list[str]:
         """`num_samples` captions per prefix drawn from the full next-token distribution (no
         top-k or top-p cut, which would bias a policy gradient), the samples of a prefix
-        consecutive."""
+        consecutive. Runs eagerly: `scst` puts the LM back in training after every draw, which
+        frees the decoder, so CUDA graphs would be captured again at every step."""
         return self.generate(
             prefix,
             prompt,
+            beam_loop=beam_loop,
+            cuda_graph=False,
             do_sample=True,
             num_beams=1,
             top_k=0,

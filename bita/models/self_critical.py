@@ -29,6 +29,7 @@ class SelfCritical:
     max_new_tokens: int = 22
     min_new_tokens: int = 1
     temperature: float = 1.0
+    beam_loop: str = "bita"  # decode.beam_loop: whose decoding loop draws the samples
 
     def __post_init__(self) -> None:
         if self.samples_per_image < 2:
@@ -62,6 +63,7 @@ def self_critical_loss(
             max_new_tokens=settings.max_new_tokens,
             min_new_tokens=settings.min_new_tokens,
             temperature=settings.temperature,
+            beam_loop=settings.beam_loop,
         )
     per_sample_refs = [refs for refs in references for _ in range(k)]
     rewards = settings.reward(captions, per_sample_refs).to(prefix.device).view(-1, k)

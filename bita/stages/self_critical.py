@@ -60,8 +60,9 @@ def self_critical_settings(ctx: StageContext) -> SelfCritical:
     corpus = stream.caption_groups(ctx.cfg.dataset, split=ctx.cfg.stage.split)
     log.info("stage %s: CIDEr-D reward over %d training images", ctx.name, len(corpus))
     options = dict(ctx.cfg.stage.self_critical)
-    known = {f.name for f in dataclasses.fields(SelfCritical)} - {"reward"}
+    known = {f.name for f in dataclasses.fields(SelfCritical)} - {"reward", "beam_loop"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"stage.self_critical: unknown keys {unknown}; known: {sorted(known)}")
-    return SelfCritical(reward=CiderReward(corpus), **options)
+    beam_loop = ctx.cfg.decode.get("beam_loop", "bita")  # decode decides, as for evaluation
+    return SelfCritical(reward=CiderReward(corpus), beam_loop=beam_loop, **options)

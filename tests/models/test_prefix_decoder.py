@@ -1,5 +1,6 @@
-"""The project's beam loop (`decode.beam_loop=bita`) must write transformers' captions: same
-logits from the shared-prefix decoder, same search rules, for every OPT layout we build."""
+"""The project's decoding loop (`decode.beam_loop=bita`) must write transformers' captions: same
+logits from the shared-prefix decoder, same beam rules, the same draws under the same random
+state, for every OPT layout we build."""
 
 import copy
 
@@ -11,6 +12,7 @@ from bita.eval.decoding import DecodeSettings
 from bita.models.beam_search import BeamRules
 from bita.models.llm import PrefixLM
 from bita.models.prefix_decoder import PrefixDecoder
+from bita.models.sampling import SampleRules
 
 END_BIAS = 4  # about half the captions end before their token limit
 # post-norm layers (as OPT-350m) and a narrower word embedding projected in and out (same)
@@ -79,11 +81,47 @@ def test_bita_beam_loop_writes_the_transformers_captions(caption_tokenizer, layo
     assert 0.2 < sum(ended_early) / len(ended_early) < 0.8
 
 
-def test_sampling_and_one_beam_are_left_to_transformers():
-    assert BeamRules.apply_to({"num_beams": 5, "max_new_tokens": 9})
-    assert not BeamRules.apply_to({"num_beams": 1, "max_new_tokens": 9})
-    assert not BeamRules.apply_to({"num_beams": 5, "max_new_tokens": 9, "do_sample": True})
-    assert not BeamRules.apply_to({"num_beams": 5, "max_new_tokens": 9, "repetition_penalty": 2})
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_bita_sampling_draws_the_transformers_samples(caption_tokenizer, layout):
+    lm = opt_lm(caption_tokenizer, head_scale=2.0, end_bias=END_BIAS, **layout)
+    prefix = torch.randn(3, 3, lm.hidden_size, generator=torch.Generator().manual_seed(0))
+    draws = [
+        {"num_samples": 5, "max_new_tokens": 10, "min_new_tokens": 2},
+        {"num_samples": 3, "max_new_tokens": 8, "min_new_tokens": 0, "temperature": 0.7},
+    ]
+    for seed in range(4):
+        for draw in draws:
+            torch.manual_seed(seed)
+            ours = lm.sample(prefix, "a photo of ", **draw)
+            torch.manual_seed(seed)
+            theirs = lm.generate(
+                prefix,
+                "a photo of ",
+                beam_loop="transformers",
+                do_sample=True,
+                num_beams=1,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=draw["num_samples"],
+                temperature=draw.get("temperature", 1.0),
+                max_new_tokens=draw["max_new_tokens"],
+                min_new_tokens=draw["min_new_tokens"],
+            )
+            assert ours == theirs, (seed, draw)
+            assert len(set(ours)) > 1
+
+
+def test_only_plain_beam_search_and_full_sampling_take_the_bita_loop():
+    beam = {"num_beams": 5, "max_new_tokens": 9}
+    assert BeamRules.apply_to(beam)
+    assert not BeamRules.apply_to({**beam, "num_beams": 1})
+    assert not BeamRules.apply_to({**beam, "do_sample": True})
+    assert not BeamRules.apply_to({**beam, "repetition_penalty": 2})
+    draw = {"do_sample": True, "top_k": 0, "top_p": 1.0, "max_new_tokens": 9}
+    assert SampleRules.apply_to(draw)
+    assert not SampleRules.apply_to({**draw, "top_p": 0.9})
+    assert not SampleRules.apply_to({key: v for key, v in draw.items() if key != "top_k"})
+    assert not SampleRules.apply_to({**draw, "num_beams": 3})
 
 
 def test_unknown_beam_loop_is_refused_by_name(caption_tokenizer):
