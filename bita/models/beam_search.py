@@ -18,21 +18,17 @@ from typing import Any
 
 import torch
 
-from bita.models.prefix_decoder import PrefixDecoder, Step
+from bita.models.prefix_decoder import PrefixDecoder, SearchRules, Step
 
 NEVER = -1.0e9  # transformers' score for a slot that must not be chosen
 
 
 @dataclass(frozen=True)
-class BeamRules:
-    """The `decode` settings the search needs, with the LM's end and padding token ids."""
+class BeamRules(SearchRules):
+    """Beam search's `decode` settings."""
 
     num_beams: int
-    max_new_tokens: int
-    min_new_tokens: int
     length_penalty: float
-    end_id: int
-    pad_id: int
 
     @property
     def rows_per_image(self) -> int:
@@ -55,11 +51,8 @@ class BeamRules:
     def from_decode(cls, decode: Mapping[str, Any], end_id: int, pad_id: int) -> BeamRules:
         return cls(
             num_beams=decode["num_beams"],
-            max_new_tokens=decode["max_new_tokens"],
-            min_new_tokens=decode.get("min_new_tokens", 0),
             length_penalty=decode.get("length_penalty", 1.0),
-            end_id=end_id,
-            pad_id=pad_id,
+            **cls.shared(decode, end_id, pad_id),
         )
 
 

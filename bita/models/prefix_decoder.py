@@ -17,7 +17,9 @@ logits and against `generate`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -151,6 +153,27 @@ class PrefixDecoder:
 
 
 Step = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SearchRules:
+    """What every search over a `PrefixDecoder` needs from the `decode` settings (the
+    `generate` keywords), with the LM's end and padding token ids."""
+
+    max_new_tokens: int
+    min_new_tokens: int
+    end_id: int
+    pad_id: int
+
+    @staticmethod
+    def shared(decode: Mapping[str, Any], end_id: int, pad_id: int) -> dict[str, Any]:
+        """These fields' values from `decode`, for a subclass's `from_decode`."""
+        return {
+            "max_new_tokens": decode["max_new_tokens"],
+            "min_new_tokens": decode.get("min_new_tokens", 0),
+            "end_id": end_id,
+            "pad_id": pad_id,
+        }
 
 
 class GraphedSteps:

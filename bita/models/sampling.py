@@ -17,19 +17,15 @@ from typing import Any
 
 import torch
 
-from bita.models.prefix_decoder import PrefixDecoder, Step
+from bita.models.prefix_decoder import PrefixDecoder, SearchRules, Step
 
 
 @dataclass(frozen=True)
-class SampleRules:
-    """The `decode` settings of plain sampling, with the LM's end and padding token ids."""
+class SampleRules(SearchRules):
+    """Plain sampling's `decode` settings."""
 
     num_samples: int
-    max_new_tokens: int
-    min_new_tokens: int
     temperature: float
-    end_id: int
-    pad_id: int
 
     @property
     def rows_per_image(self) -> int:
@@ -53,11 +49,8 @@ class SampleRules:
     def from_decode(cls, decode: Mapping[str, Any], end_id: int, pad_id: int) -> SampleRules:
         return cls(
             num_samples=decode.get("num_return_sequences", 1),
-            max_new_tokens=decode["max_new_tokens"],
-            min_new_tokens=decode.get("min_new_tokens", 0),
             temperature=decode.get("temperature", 1.0),
-            end_id=end_id,
-            pad_id=pad_id,
+            **cls.shared(decode, end_id, pad_id),
         )
 
 
