@@ -226,8 +226,10 @@ class PrefixLM(nn.Module):
         head = torch.tensor([self._prompt_ids(prompt)], device=prefix.device)
         embeds = self._embed(head).expand(prefix.shape[0], -1, -1)
         inputs = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
-        search = next((s for s in SEARCHES if s[0].apply_to(decode)), None)
-        if beam_loop == "bita" and search is not None:
+        search = None
+        if beam_loop == "bita":
+            search = next((s for s in SEARCHES if s[0].apply_to(decode)), None)
+        if search is not None:
             rules_type, run_search = search
             rules = rules_type.from_decode(decode, self.caption_end_id, self.tokenizer.pad_token_id)
             decoder, step = self._decoders.get(

@@ -67,14 +67,22 @@ class PrefixDecoder:
             return self._logits(hidden[:, -1])
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, source: torch.Tensor, position: int) -> torch.Tensor:
+    def step(
+        self, tokens: torch.Tensor, source: torch.Tensor | None, position: int
+    ) -> torch.Tensor:
         """New token number `position` for every beam: row r continues beam `source[r]` (its
         earlier tokens' cache is gathered accordingly) with `tokens[r]`; returns the logits
-        [B*K, vocab] of the token after it."""
-        earlier, cache = self.token_caches[position % 2], self.token_caches[(position + 1) % 2]
-        if position:
-            used = (..., slice(0, position), slice(None))
-            torch.index_select(earlier[used], 2, source, out=cache[used])
+        [B*K, vocab] of the token after it. `source=None`: rows keep their places (samples),
+        so one buffer holds every token and nothing is copied; a search passes None at every
+        step or at none."""
+        if source is None:
+            cache = self.token_caches[0]
+        else:
+            earlier = self.token_caches[position % 2]
+            cache = self.token_caches[(position + 1) % 2]
+            if position:
+                used = (..., slice(0, position), slice(None))
+                torch.index_select(earlier[used], 2, source, out=cache[used])
         cache = cache[..., : position + 1, :]
         with self._precision():
             embeds = self.decoder.embed_tokens(tokens)[:, None]
@@ -152,7 +160,7 @@ class PrefixDecoder:
         return self.lm.lm_head(hidden).float()
 
 
-Step = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+Step = Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -189,7 +197,8 @@ class GraphedSteps:
         rows = decoder.batch * decoder.beams
         device = decoder.prefix_cache.device
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
-        self.source = torch.arange(rows, device=device)
+        self.rows = torch.arange(rows, device=device)
+        self.source = self.rows.clone()
         positions = range(decoder.new_tokens)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -203,9 +212,13 @@ class GraphedSteps:
             with _graph_autocast(device), torch.cuda.graph(graph):
                 self.logits.append(decoder.step(self.tokens, self.source, position))
 
-    def __call__(self, tokens: torch.Tensor, source: torch.Tensor, position: int) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, source: torch.Tensor | None, position: int
+    ) -> torch.Tensor:
+        """The captured step; `source=None` (rows keep their places) replays it with rows
+        gathered from themselves."""
         self.tokens.copy_(tokens)
-        self.source.copy_(source)
+        self.source.copy_(self.rows if source is None else source)
         self.graphs[position].replay()
         return self.logits[position]
 
@@ -229,8 +242,8 @@ class DecoderCache:
     def get(
         self, lm: nn.Module, embeds: torch.Tensor, beams: int, new_tokens: int, cuda_graph: bool
     ) -> tuple[PrefixDecoder, Step]:
-        graph = cuda_graph and embeds.device.type == "cuda"
         device = embeds.device.type
+        graph = cuda_graph and device == "cuda"
         autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
         # the weights' address too: a graph reads weights where they were at capture, and
         # `.to(...)` or loading with assign=True moves them

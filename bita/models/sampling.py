@@ -62,7 +62,6 @@ def sample_search(
     padded with `rules.pad_id` after its end token."""
     rows = decoder.batch * decoder.beams
     device = embeds.device
-    same_row = torch.arange(rows, device=device)  # samples never change places
     tokens = torch.full((rows, rules.max_new_tokens), rules.pad_id, dtype=torch.long, device=device)
     running = torch.ones(rows, dtype=torch.bool, device=device)
     logits = decoder.prefill(embeds).repeat_interleave(decoder.beams, dim=0)
@@ -76,5 +75,5 @@ def sample_search(
         running &= tokens[:, position] != rules.end_id
         if position + 1 == rules.max_new_tokens or not bool(running.any()):
             break
-        logits = step(tokens[:, position], same_row, position)
+        logits = step(tokens[:, position], None, position)  # samples never change places
     return tokens
