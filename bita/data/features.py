@@ -13,10 +13,12 @@ other split holds one eval-transform view plus the encoded image (evaluation gal
 it). Epoch ``e`` of training reads view ``e % views``.
 
 Fingerprint. The manifest stores, and readers recompute, a hash of everything that decides the
-tokens: the encoder config (all of it but ``in_checkpoint``), a digest of the tower's weights
-(random towers are fixed only by their weights), the repr of both transforms (size,
-interpolation, crop scale, mean, std), ``views`` and this format. A cache whose fingerprint
-differs is refused, naming both fingerprints and the settings that differ.
+tokens: the encoder config (all of it but ``in_checkpoint``; an option added since this format
+is left out while it has the value that gives the old tokens, so older caches stay valid), a
+digest of the tower's weights (random towers are fixed only by their weights), the repr of
+both transforms (size, interpolation, crop scale, mean, std), ``views`` and this format. A
+cache whose fingerprint differs is refused, naming both fingerprints and the settings that
+differ.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from bita.data.stream import ShardSet, Transform
 from bita.locations import resolve_location
 
 FORMAT = "bita-features/1"
+# Encoder options added after FORMAT, with the value that gives the tokens caches had before.
+_ENCODER_DEFAULTS_SINCE_FORMAT = {"orientations": ["identity"]}
 STORAGE_DTYPE = "float16"
 
 
@@ -87,7 +91,11 @@ def fingerprint_settings(
             f"features.views={views} with augment=false: every view would be the same eval "
             "view; expected features.views=1 (or augment=true)"
         )
-    encoder = {k: v for k, v in _plain(encoder_cfg).items() if k != "in_checkpoint"}
+    encoder = {
+        key: value
+        for key, value in _plain(encoder_cfg).items()
+        if key != "in_checkpoint" and _ENCODER_DEFAULTS_SINCE_FORMAT.get(key) != value
+    }
     return {
         "format": FORMAT,
         "storage": STORAGE_DTYPE,

@@ -282,13 +282,14 @@ class BITA(nn.Module):
         """Approximate training FLOPs per sample (2 per multiply-add of the dense layers; a
         backward costs twice a forward; frozen parts run forward, and the LM also backward to
         its inputs), the LM counted `captions_per_image` times per image. The tower counts
-        2 × parameters × tokens (exact for a ViT, rough for a CNN). Attention scores and the
-        FFTs are left out: they are small here."""
+        2 × parameters × tokens (exact for a ViT, rough for a CNN) for each orientation it
+        averages over. Attention scores and the FFTs are left out: they are small here."""
         if kind not in ("itc", "lm"):
             raise ValueError(f"flops_per_sample kind={kind!r}: expected 'itc' or 'lm'")
         cfg = self.ift.config
         n_image = self.encoder.num_tokens
-        tower = 2 * sum(p.numel() for p in self.encoder.parameters()) * n_image
+        tower_params = sum(p.numel() for p in self.encoder.parameters())
+        tower = 2 * tower_params * n_image * len(self.encoder.orientations)
         per_query = self._count(
             self.ift, "*.query_ffn.*", "*.cross_attn.query.*", "*.cross_attn.out.*", "*.self_attn.*"
         )

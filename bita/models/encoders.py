@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from bita.locations import resolve_location
+from bita.models.orientations import average_over_orientations, check_orientations
 from bita.models.precision import in_own_precision
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -40,13 +41,23 @@ def parse_dtype(name: str, field: str) -> torch.dtype:
 
 
 class FrozenImageEncoder(nn.Module):
-    """A frozen tower `body` whose `forward` returns tokens [B, N, width]."""
+    """A frozen tower `body` whose `forward` returns tokens [B, N, width], averaged over the
+    image `orientations` (bita/models/orientations.py; `body.grid_start` says where its square
+    token grid begins)."""
 
-    def __init__(self, body: nn.Module, width: int, preprocess: ImagePreprocess, dtype: str):
+    def __init__(
+        self,
+        body: nn.Module,
+        width: int,
+        preprocess: ImagePreprocess,
+        dtype: str,
+        orientations: tuple[str, ...] = ("identity",),
+    ):
         super().__init__()
         self.body = body
         self.width = width
         self.preprocess = preprocess
+        self.orientations = check_orientations(orientations)
         self.dtype = parse_dtype(dtype, "encoder.dtype")
         self.body.to(self.dtype)
         self.requires_grad_(False)
@@ -68,7 +79,9 @@ class FrozenImageEncoder(nn.Module):
         and under autocast each LayerNorm would round-trip its activations through fp32 (copies
         were 16 % of the GPU time of a paper-scale stage-1 step, `tools/bench.py --profile`)."""
         with in_own_precision(self.dtype, images.device.type):
-            return self.body(images.to(self.dtype))
+            return average_over_orientations(
+                self.body, images.to(self.dtype), self.orientations, self.body.grid_start
+            )
 
 
 class TruncatedViT(nn.Module):
@@ -76,6 +89,8 @@ class TruncatedViT(nn.Module):
 
     All tokens (class token included) leave the tower; `ln_post` and the projection are
     dropped, as the BITA authors do with CLIP ViT-L/14 (21 of 24 blocks, 257 tokens)."""
+
+    grid_start = 1  # the class token comes first
 
     def __init__(self, visual: nn.Module, keep_layers: int):
         super().__init__()
@@ -127,6 +142,8 @@ class EfficientNetTokens(nn.Module):
     contiguous: DeepSpeed's parameter broadcast views every parameter as bytes, which a
     channels_last weight refuses."""
 
+    grid_start = 0
+
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = fold_batchnorm(net.eval())
@@ -147,6 +164,11 @@ def _preprocess(cfg: Mapping[str, Any]) -> ImagePreprocess:
     return ImagePreprocess(int(cfg["size"]), tuple(cfg["mean"]), tuple(cfg["std"]))
 
 
+def _orientations(cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    names = cfg.get("orientations")
+    return ("identity",) if names is None else check_orientations(names)
+
+
 def build_open_clip_vit(cfg: Mapping[str, Any]) -> FrozenImageEncoder:
     """open_clip ViT: `model` (architecture name) + optional `vision_cfg` overrides, weights from
     `pretrained` (an open_clip tag such as 'openai', or null for random init)."""
@@ -164,7 +186,9 @@ def build_open_clip_vit(cfg: Mapping[str, Any]) -> FrozenImageEncoder:
         visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg, quick_gelu)
     keep = cfg.get("keep_layers") or len(visual.transformer.resblocks)
     body = TruncatedViT(visual, int(keep))
-    return FrozenImageEncoder(body, visual.transformer.width, _preprocess(cfg), cfg["dtype"])
+    return FrozenImageEncoder(
+        body, visual.transformer.width, _preprocess(cfg), cfg["dtype"], _orientations(cfg)
+    )
 
 
 def _pretrained_open_clip_visual(model: str, pretrained: str, quick_gelu: bool) -> nn.Module:
@@ -243,7 +267,11 @@ def build_efficientnet_lite(cfg: Mapping[str, Any]) -> FrozenImageEncoder:
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(map_efficientnet_lite_keys(state, net), strict=True)
     return FrozenImageEncoder(
-        EfficientNetTokens(net), net.num_features, _preprocess(cfg), cfg["dtype"]
+        EfficientNetTokens(net),
+        net.num_features,
+        _preprocess(cfg),
+        cfg["dtype"],
+        _orientations(cfg),
     )
 
 

@@ -156,13 +156,19 @@ def test_feature_stream_has_the_image_epoch_and_resumes_identically(cfg, cache, 
     assert len(ids) == len(set(ids)) == 31
 
 
-def test_a_cache_of_another_tower_preprocessing_or_view_count_is_refused(cfg, model, cache_root):
+def test_a_cache_of_another_tower_preprocessing_orientation_or_view_count_is_refused(
+    cfg, model, cache_root
+):
     features_cfg = {**cfg.features, "root": str(cache_root)}
     torch.manual_seed(0)  # the same weights as the model's tower, another normalisation
     other_mean = {**cfg.encoder, "mean": [0.5, 0.5, 0.5]}
     pattern = r"fingerprint \w+ but .* give \w+; they differ in: encoder.mean: .*; transforms.eval"
     with pytest.raises(ValueError, match=pattern):
         features.open_cache(features_cfg, cfg.dataset, other_mean, build_image_encoder(other_mean))
+    torch.manual_seed(0)  # the same tower, its tokens averaged over two orientations
+    turned = {**cfg.encoder, "orientations": ["identity", "hflip"]}
+    with pytest.raises(ValueError, match=r"orientations: cache None vs run \['identity', 'h"):
+        features.open_cache(features_cfg, cfg.dataset, turned, build_image_encoder(turned))
     torch.manual_seed(1)
     other_weights = build_image_encoder(cfg.encoder)
     with pytest.raises(ValueError, match=r"differ in: weights_sha256: cache '\w+' vs run '\w+'\. "):
@@ -183,6 +189,16 @@ def test_a_cache_of_another_tower_preprocessing_or_view_count_is_refused(cfg, mo
     cache = features.open_cache(features_cfg, cfg.dataset, cfg.encoder, model.encoder)
     with pytest.raises(ValueError, match="split 'val' holds eval views"):
         cache.train_shards(cfg.dataset, "val")
+
+
+def test_caches_written_before_orientation_averaging_keep_their_fingerprint(cfg, model):
+    def fingerprint_of(encoder_cfg: dict) -> str:
+        return features.fingerprint(features.fingerprint_settings(encoder_cfg, model.encoder, 2))
+
+    before = {k: v for k, v in cfg.encoder.items() if k != "orientations"}
+    one_view = fingerprint_of({**before, "orientations": ["identity"]})
+    assert fingerprint_of(before) == one_view
+    assert fingerprint_of({**before, "orientations": ["identity", "hflip"]}) != one_view
 
 
 def test_without_augment_training_views_are_the_eval_view(cfg, model, tmp_path):
