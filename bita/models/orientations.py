@@ -37,6 +37,8 @@ ORIENTATIONS = tuple(_TURNS)
 
 def check_orientations(names: Sequence[str], field: str = "encoder.orientations") -> tuple:
     """The names as a tuple, or a clear error naming `field` and what it may hold."""
+    if isinstance(names, str):  # `encoder.orientations=hflip` on the command line
+        raise ValueError(f"{field}={names!r}: expected a list, e.g. [identity,{names}]")
     names = tuple(names)
     if not names:
         raise ValueError(f"{field}: expected at least one orientation, e.g. [identity]")

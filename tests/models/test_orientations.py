@@ -69,6 +69,7 @@ def test_averaging_a_real_tower_is_the_mean_of_its_turned_back_views(compose):
     ("names", "message"),
     [
         ([], r"encoder.orientations: expected at least one"),
+        ("hflip", r"encoder.orientations='hflip': expected a list, e.g. \[identity,hflip\]"),
         (["identity", "rotate90"], r"encoder.orientations: unknown \['rotate90'\]; expected"),
         (["hflip", "hflip"], r"each orientation may appear once"),
     ],
