@@ -221,7 +221,7 @@ def check_fingerprint(manifest: Mapping[str, Any], expected: Mapping[str, Any], 
         return
     stored = manifest.get("settings", {})
     differences = [
-        f"{key}: cache {stored_value!r} vs run {run_value!r}"
+        f"{key}: cache {_shown(stored_value)} vs run {_shown(run_value)}"
         for key, stored_value, run_value in _differences(stored, expected)
     ]
     raise ValueError(
@@ -232,12 +232,23 @@ def check_fingerprint(manifest: Mapping[str, Any], expected: Mapping[str, Any], 
     )
 
 
+# Stands for a setting one side of a fingerprint comparison lacks (an older cache, say), so the
+# message can say so instead of showing a None that neither side wrote.
+_ABSENT = object()
+
+
+def _shown(value: Any) -> str:
+    return "(not recorded)" if value is _ABSENT else repr(value)
+
+
 def _differences(stored: Any, expected: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     if isinstance(stored, dict) and isinstance(expected, dict):
         return [
             item
             for key in sorted(set(stored) | set(expected))
-            for item in _differences(stored.get(key), expected.get(key), f"{prefix}{key}.")
+            for item in _differences(
+                stored.get(key, _ABSENT), expected.get(key, _ABSENT), f"{prefix}{key}."
+            )
         ]
     return [] if stored == expected else [(prefix.rstrip("."), stored, expected)]
 
