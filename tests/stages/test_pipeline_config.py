@@ -61,6 +61,15 @@ def test_stage_values_apply_unless_root_sets_them():
     assert eff_b.llm.pretrained == "/x" and eff_b.init_from == "/ckpt" and eff_b.stage.name == "b"
 
 
+def test_root_lr_scales_reach_every_stage():
+    unset = effective_config(_cfg(optim={"lr_scales": None}), _cfg().stage.recipes.a, {}, None)
+    assert "lr_scales" not in unset.optim
+    cfg = _cfg(optim={"lr_scales": {"llm.*": 0.25}})
+    for name in ("a", "b"):
+        eff = effective_config(cfg, cfg.stage.recipes[name], {}, None)
+        assert dict(eff.optim.lr_scales) == {"llm.*": 0.25}
+
+
 def test_recipe_module_is_found_by_name():
     cfg = _cfg()
     assert callable(recipe_for(cfg.stage.recipes.a))
