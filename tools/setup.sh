@@ -9,6 +9,17 @@ if ! command -v java >/dev/null 2>&1; then
   else echo "setup: run 'sudo apt-get install default-jre-headless' and re-run" >&2; exit 1; fi
 fi
 
+# A fresh .venv takes about 7 GiB (torch with its CUDA libraries, DeepSpeed, MLflow), and pip
+# unpacks wheels beside it: stop before pip fails half-way with "No space left on device".
+NEED_GIB="${BITA_SETUP_NEED_GIB:-8}"
+if [ ! -x .venv/bin/python ]; then
+  free_gib=$(df -Pk . | awk 'NR == 2 { print int($4 / 1048576) }')
+  if [ "$free_gib" -lt "$NEED_GIB" ]; then
+    echo "setup: $(pwd) has $free_gib GiB free; a fresh .venv needs about $NEED_GIB GiB. Free space there (old run folders under runs/, feature caches) and re-run" >&2
+    exit 1
+  fi
+fi
+
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
