@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,11 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from bita.locations import resolve_location
-from bita.models.orientations import average_over_orientations, check_orientations
+from bita.models.orientations import (
+    IDENTITY_ONLY,
+    average_over_orientations,
+    check_orientations,
+)
 from bita.models.precision import in_own_precision
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -51,7 +55,7 @@ class FrozenImageEncoder(nn.Module):
         width: int,
         preprocess: ImagePreprocess,
         dtype: str,
-        orientations: tuple[str, ...] = ("identity",),
+        orientations: Sequence[str] = IDENTITY_ONLY,
     ):
         super().__init__()
         self.body = body
@@ -164,9 +168,11 @@ def _preprocess(cfg: Mapping[str, Any]) -> ImagePreprocess:
     return ImagePreprocess(int(cfg["size"]), tuple(cfg["mean"]), tuple(cfg["std"]))
 
 
-def _orientations(cfg: Mapping[str, Any]) -> tuple[str, ...]:
+def _orientations(cfg: Mapping[str, Any]) -> Sequence[str]:
+    """`encoder.orientations`, or the tower's own view for configs written before the option
+    (FrozenImageEncoder checks the names)."""
     names = cfg.get("orientations")
-    return ("identity",) if names is None else check_orientations(names)
+    return IDENTITY_ONLY if names is None else names
 
 
 def build_open_clip_vit(cfg: Mapping[str, Any]) -> FrozenImageEncoder:

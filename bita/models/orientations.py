@@ -33,6 +33,7 @@ _TURNS: dict[str, tuple[Turn, str]] = {
     "rot270": (lambda x, h, w: x.rot90(3, (h, w)), "rot90"),
 }
 ORIENTATIONS = tuple(_TURNS)
+IDENTITY_ONLY = ("identity",)  # the tower's own view: nothing to average
 
 
 def check_orientations(names: Sequence[str], field: str = "encoder.orientations") -> tuple:
@@ -77,7 +78,7 @@ def average_over_orientations(
     grid_start: int,
 ) -> torch.Tensor:
     """The mean of `tower`'s tokens over `names`, in one tower call of B × len(names) images."""
-    if tuple(names) == ("identity",):
+    if tuple(names) == IDENTITY_ONLY:
         return tower(images)
     batch = images.shape[0]
     tokens = tower(torch.cat([turn_images(images, n) for n in names]))
