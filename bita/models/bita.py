@@ -36,6 +36,7 @@ class ModelSettings:
     max_text_tokens: int = 32
     max_lm_tokens: int = 32
     label_smoothing: float = 0.1
+    lm_label_smoothing: float = 0.0
     temp_init: float = 0.07
     temp_range: tuple[float, float] = (0.001, 0.5)
 
@@ -177,7 +178,7 @@ class BITA(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Prefix-LM loss on `[prefix][bos][prompt] caption "\n"` (labels only on the caption)."""
         prefix = self.lm_prefix(image_tokens)
-        return {"loss": self.llm.prefix_loss(prefix, captions, prompt, self.settings.max_lm_tokens)}
+        return {"loss": self._prefix_loss(prefix, captions, prompt)}
 
     def lm_loss_per_image(
         self, image_tokens: torch.Tensor, references: list[list[str]], prompt: str = ""
@@ -187,7 +188,16 @@ class BITA(nn.Module):
         counts = torch.tensor([len(refs) for refs in references], device=image_tokens.device)
         prefix = self.lm_prefix(image_tokens).repeat_interleave(counts, dim=0)
         captions = [caption for refs in references for caption in refs]
-        return {"loss": self.llm.prefix_loss(prefix, captions, prompt, self.settings.max_lm_tokens)}
+        return {"loss": self._prefix_loss(prefix, captions, prompt)}
+
+    def _prefix_loss(self, prefix: torch.Tensor, captions: list[str], prompt: str) -> torch.Tensor:
+        return self.llm.prefix_loss(
+            prefix,
+            captions,
+            prompt,
+            self.settings.max_lm_tokens,
+            label_smoothing=self.settings.lm_label_smoothing,
+        )
 
     @torch.no_grad()
     def generate(

@@ -149,11 +149,18 @@ class PrefixLM(nn.Module):
         return ids, mask, labels
 
     def prefix_loss(
-        self, prefix: torch.Tensor, captions: list[str], prompt: str = "", max_tokens: int = 32
+        self,
+        prefix: torch.Tensor,
+        captions: list[str],
+        prompt: str = "",
+        max_tokens: int = 32,
+        *,
+        label_smoothing: float = 0.0,
     ) -> torch.Tensor:
-        """Mean next-token cross-entropy over caption tokens, the prefix [B, Q, hidden] first."""
+        """Mean next-token cross-entropy over caption tokens, the prefix [B, Q, hidden] first
+        (`label_smoothing` as in `F.cross_entropy`)."""
         logits, targets, _ = self._prefixed_logits(prefix, captions, prompt, max_tokens)
-        return F.cross_entropy(logits, targets)
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
     def caption_token_log_probs(
         self, prefix: torch.Tensor, captions: list[str], prompt: str = "", max_tokens: int = 32

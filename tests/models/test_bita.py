@@ -153,6 +153,18 @@ def test_per_image_lm_loss_equals_the_loss_of_the_expanded_pairs(tiny_model):
     assert torch.allclose(tiny_model.query_tokens.grad, pair_grad, atol=1e-6)
 
 
+def test_model_lm_label_smoothing_reaches_both_prefix_lm_losses(tiny_cfg):
+    tiny_cfg.model.lm_label_smoothing = 0.2
+    model = build_model(tiny_cfg).eval()
+    tokens = model.image_tokens(torch.randn(2, 3, 64, 64))
+    prefix = model.lm_prefix(tokens)
+    expected = model.llm.prefix_loss(prefix, CAPS[:2], "", label_smoothing=0.2)
+    torch.testing.assert_close(model.lm_loss(tokens, CAPS[:2])["loss"], expected)
+    per_image = model.lm_loss_per_image(tokens, [[CAPS[0]], [CAPS[1]]])["loss"]
+    torch.testing.assert_close(per_image, expected)
+    assert not torch.isclose(expected, model.llm.prefix_loss(prefix, CAPS[:2], ""))
+
+
 def test_lm_flops_per_image_count_the_lm_once_per_caption(tiny_model):
     one, five = (tiny_model.flops_per_sample("lm", n) for n in (1, 5))
     lm_only = one - tiny_model.flops_per_sample("lm", 0)

@@ -74,6 +74,19 @@ def test_prefix_loss_and_gradient_match_transformers_loss_over_full_logits(lm):
     torch.testing.assert_close(grad, reference_grad)
 
 
+def test_prefix_loss_label_smoothing_mixes_in_the_uniform_target(lm):
+    """Smoothing eps: (1 - eps) x the caption tokens' cross-entropy + eps x their mean
+    cross-entropy against every vocabulary entry."""
+    captions, prompt = ["many cars", "a river runs through green fields"], "a photo of "
+    prefix = torch.randn(2, 3, lm.hidden_size)
+    plain = lm.prefix_loss(prefix, captions, prompt)
+    smoothed = lm.prefix_loss(prefix, captions, prompt, label_smoothing=0.1)
+    logits, _, _ = lm._prefixed_logits(prefix, captions, prompt, 32)
+    uniform = -F.log_softmax(logits, dim=-1).mean()
+    torch.testing.assert_close(smoothed, 0.9 * plain + 0.1 * uniform)
+    assert uniform > plain
+
+
 def test_caption_loss_matches_transformers_loss(lm):
     captions = ["many cars", "a river runs through green fields"]
     ids, mask, labels = lm.tokenize_captions(captions, "", 32)
