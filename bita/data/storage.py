@@ -130,15 +130,18 @@ def tar_samples(
             report.shard(url, f"cannot be opened ({why}); its samples are skipped")
             continue
         handler = _shard_handler(report, url, stream)
+        read_to_the_end = False
         try:
             opened = [{"url": url, "stream": stream}]
             files = tar_file_expander(opened, handler=handler, select_files=select_files)
             yield from group_by_keys(files, handler=handler)
+            read_to_the_end = True
         finally:
             try:
                 stream.close()  # a pipe: command that failed says so here
             except Exception as err:
-                handler(err)
+                if read_to_the_end:  # else the reader stopped early and the command got SIGPIPE
+                    handler(err)
 
 
 def _shard_handler(report: ShardReporter, url: str, stream: Any) -> Callable[..., bool]:
