@@ -97,8 +97,8 @@ def _why(err: BaseException, stream: Any = None) -> str:
     exit_status = stream.proc.poll() if isinstance(stream, Pipe) else None
     if exit_status:
         return f"the command exited with status {exit_status}"
-    if isinstance(err, ImportError):
-        return f"{err} (install the fsspec package for this protocol)"
+    if isinstance(err, ImportError):  # fsspec names the package a protocol needs
+        return str(err)
     # WebDataset appends the stream and URL to an error's args, and " @ <file>" to its message
     wrapped = len(err.args) > 1 and isinstance(err.args[0], str)
     text = err.args[0].split(" @ ")[0] if wrapped else str(err)
