@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.metadata
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +57,17 @@ def requirements() -> list[str]:
     return [req for req in declared if "extra ==" not in req]
 
 
-def log_captioner(uri: str, run_id: str, checkpoint: Path, register_as: str | None) -> str:
-    """Log `checkpoint` as the model `captioner` of run `run_id` in the store `uri` (and
-    register it as `register_as`); returns the model's URI."""
+def log_captioner(
+    uri: str, experiment_id: str, run_id: str, checkpoint: Path, register_as: str | None
+) -> str:
+    """Log `checkpoint` as the model `captioner` of run `run_id` (in experiment
+    `experiment_id` of the store `uri`), and register it as `register_as` when given; returns
+    the model's URI. The model's code is `bita/captioner_model.py`, not a pickled object."""
     mlflow.set_tracking_uri(uri)
-    with tempfile.TemporaryDirectory() as tmp:
+    mlflow.set_experiment(experiment_id=experiment_id)  # where MLflow files the logged model
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # An input example would make MLflow load the model (an LM of billions) while logging.
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
         folder = Path(tmp) / checkpoint.name
         shutil.copytree(checkpoint, folder, ignore=shutil.ignore_patterns(*RESUME_ONLY))
         info = Model.log(
@@ -68,7 +75,7 @@ def log_captioner(uri: str, run_id: str, checkpoint: Path, register_as: str | No
             name=MODEL_NAME,
             flavor=mlflow.pyfunc,
             run_id=run_id,
-            python_model=CaptionerModel(),
+            python_model=str(Path(__file__).with_name("captioner_model.py")),
             artifacts={"checkpoint": str(folder)},
             signature=SIGNATURE,
             pip_requirements=requirements(),

@@ -62,9 +62,8 @@ def flatten(config: Any, prefix: str = "") -> dict[str, str]:
 
 
 def tag_key(name: str) -> str:
-    """`name` as a tag key MLflow accepts: Hydra's `+`/`~` prefixes and other refused
-    characters become `_`."""
-    return _KEY_CHARS.sub("_", name.lstrip("+~"))[:_KEY_MAX_LEN]
+    """`name` as a tag key MLflow accepts: refused characters become `_`."""
+    return _KEY_CHARS.sub("_", name)[:_KEY_MAX_LEN]
 
 
 def _refused_key(name: str) -> bool:
@@ -173,7 +172,7 @@ class Tracker:
         tags = {"overrides": " ".join(overrides), RUN_DIR_TAG: str(Path(run_dir).resolve())}
         for override in overrides:
             key, _, value = override.partition("=")
-            tags[tag_key(f"override.{key}")] = value
+            tags[tag_key(f"override.{key.lstrip('+~')}")] = value  # Hydra's +key, ~key
         tracker.start_run(run_dir, run_name=run_name, config=cfg, tags=tags, parent_run_id=parent)
         tracker.log_config(cfg)
         return tracker
@@ -450,7 +449,9 @@ class Tracker:
             return
         from bita.serving import log_captioner
 
-        self._call(log_captioner, self.uri, self.run_id, Path(checkpoint), register_as)
+        self._call(
+            log_captioner, self.uri, self._experiment_id, self.run_id, Path(checkpoint), register_as
+        )
 
     def finish(self, status: str = "FINISHED") -> None:
         """End this tracker's run (`FINISHED`, `FAILED` or `KILLED`).
