@@ -251,7 +251,10 @@ class Tracker:
         self._connect()
         run = self._existing_run(run_dir)
         if run is None:
-            run_tags = {"mlflow.runName": run_name, **tags}
+            from mlflow.tracking.context.registry import resolve_tags
+
+            # MLflow's own context tags: user, source (the entry point) and its git commit
+            run_tags = resolve_tags({"mlflow.runName": run_name, **tags})
             if parent_run_id:
                 run_tags["mlflow.parentRunId"] = parent_run_id
             run = self._client.create_run(self._experiment_id, run_name=run_name, tags=run_tags)

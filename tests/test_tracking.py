@@ -177,6 +177,7 @@ def test_experiment_kind_run_folder_datasets_and_system_metrics(store, tmp_path)
         run_dir.resolve()
     )
     assert run.data.tags["override.a.b"] == "1"  # Hydra's `+` is not a key character
+    assert "mlflow.source.name" in run.data.tags and "mlflow.user" in run.data.tags
     (entry,) = run.inputs.dataset_inputs
     assert (entry.dataset.name, entry.dataset.digest) == ("rsicd-train", "d1")
     assert entry.dataset.source == '{"uri": "/d/manifest.json"}'
