@@ -14,12 +14,13 @@ and a fine-tune's selected checkpoint as an MLflow model (`bita.serving`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,20 @@ def _artifact_root(uri: str) -> str | None:
         return None
     db = Path(uri.removeprefix("sqlite:///"))
     return (db.parent.resolve() / "mlartifacts").as_uri()
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialise, across the processes of a sweep, what must happen once per SQLite store:
+    creating its tables (two jobs migrating a new database at once fail) and a sweep's parent
+    run (two jobs searching at once would each create one)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(f"{uri.removeprefix('sqlite:///')}.lock", timeout=600):
+        yield
 
 
 class Tracker:
@@ -216,16 +231,19 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.uri)
-        found = client.get_experiment_by_name(self.experiment)
-        if found is None:
-            exp_id = client.create_experiment(
-                self.experiment, artifact_location=_artifact_root(self.uri), tags=EXPERIMENT_TAGS
-            )
-        else:
-            exp_id = found.experiment_id
-            for key, value in EXPERIMENT_TAGS.items():  # stores made before the tag existed
-                if found.tags.get(key) != value:
-                    client.set_experiment_tag(exp_id, key, value)
+        with store_lock(self.uri):
+            found = client.get_experiment_by_name(self.experiment)
+            if found is None:
+                exp_id = client.create_experiment(
+                    self.experiment,
+                    artifact_location=_artifact_root(self.uri),
+                    tags=EXPERIMENT_TAGS,
+                )
+            else:
+                exp_id = found.experiment_id
+                for key, value in EXPERIMENT_TAGS.items():  # stores made before the tag existed
+                    if found.tags.get(key) != value:
+                        client.set_experiment_tag(exp_id, key, value)
         self._client, self._experiment_id = client, exp_id
 
     # -------------------------------------------------------------- runs
@@ -354,15 +372,18 @@ class Tracker:
     def _sweep_parent(self, sweep_id: str, run_name: str, tags) -> str:
         self._connect()
         quoted = sweep_id.replace("\\", "\\\\").replace("'", "\\'")
-        found = self._client.search_runs(
-            [self._experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{quoted}'", max_results=1
-        )
-        if found:
-            return found[0].info.run_id
-        run_tags = {"mlflow.runName": run_name, SWEEP_TAG: sweep_id, **tags}
-        return self._client.create_run(
-            self._experiment_id, run_name=run_name, tags=run_tags
-        ).info.run_id
+        with store_lock(self.uri):
+            found = self._client.search_runs(
+                [self._experiment_id],
+                filter_string=f"tags.`{SWEEP_TAG}` = '{quoted}'",
+                max_results=1,
+            )
+            if found:
+                return found[0].info.run_id
+            run_tags = {"mlflow.runName": run_name, SWEEP_TAG: sweep_id, **tags}
+            return self._client.create_run(
+                self._experiment_id, run_name=run_name, tags=run_tags
+            ).info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Close a run this tracker did not start (e.g. a sweep parent at multirun end)."""

@@ -27,7 +27,6 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Overrid
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ class BitaOptunaSweeper(Sweeper):
     ) -> None:
         self.study_name, self.direction, self.storage = study_name, direction, storage
         self.n_trials, self.n_jobs = int(n_trials), max(1, int(n_jobs))
-        self.sampler_conf = sampler
+        self.sampler = sampler  # Hydra instantiates the sweeper's config recursively
         self.params = dict(params or {})
 
     def setup(
@@ -123,7 +122,7 @@ class BitaOptunaSweeper(Sweeper):
         study = optuna.create_study(
             study_name=self.study_name,
             storage=self.storage,
-            sampler=instantiate(self.sampler_conf),
+            sampler=self.sampler,
             direction=self.direction,
             load_if_exists=True,
         )
