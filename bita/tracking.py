@@ -230,8 +230,8 @@ class Tracker:
         check_writable(self.uri)
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=self.uri)
-        with store_lock(self.uri):
+        with store_lock(self.uri):  # a new store's tables are created on first use
+            client = MlflowClient(tracking_uri=self.uri)
             found = client.get_experiment_by_name(self.experiment)
             if found is None:
                 exp_id = client.create_experiment(
