@@ -96,7 +96,7 @@ def main(cfg: DictConfig) -> float | None:
     with tracker:  # a failing stage marks the MLflow run FAILED
         results = run_stages(cfg, run_dir, dist, tracker)
         captioners = [r.captioner for _, r in results if r.captioner is not None]
-        if captioners:
+        if captioners and cfg.tracking.log_model:
             tracker.log_captioner(captioners[-1], register_as=cfg.tracking.register_model)
         score = objective(results)
         if score is not None:
