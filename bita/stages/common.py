@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -12,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_file
 
 from bita.data import features, stream
+from bita.data.shards import MANIFEST
 from bita.engine.trainer import Trainer
 from bita.models.build import build_model
 from bita.models.trainable import set_trainable
@@ -82,13 +85,40 @@ def shard_set(
     transform, taken from `features.cache_transforms` so both paths see the same images."""
     cache = feature_cache(ctx, model)
     if cache:
-        return (
+        shards = (
             cache.train_shards(ctx.cfg.dataset, split)
             if train
             else cache.eval_shards(ctx.cfg.dataset, split)
         )
-    pair = features.cache_transforms(model.preprocess, bool(ctx.cfg.augment))
-    return stream.image_shards(ctx.cfg.dataset, pair["train" if train else "eval"])
+    else:
+        pair = features.cache_transforms(model.preprocess, bool(ctx.cfg.augment))
+        shards = stream.image_shards(ctx.cfg.dataset, pair["train" if train else "eval"])
+    log_dataset_inputs(ctx, shards, split)
+    return shards
+
+
+def log_dataset_inputs(ctx: StageContext, shards: stream.ShardSet, split: str) -> None:
+    """Record each source's `split` that the stage reads as an MLflow dataset input: its
+    name, the split, a digest of the split's manifest entry (which shards, how many images and
+    captions) and the manifest's location."""
+    if ctx.tracker is None or ctx.tracker.run_id is None:
+        return
+    for source in ctx.cfg.dataset.sources:
+        manifest = shards.read_manifest(shards.root, source["name"])
+        entry = manifest["splits"][split]
+        canonical = json.dumps(entry, sort_keys=True).encode()
+        ctx.tracker.log_dataset(
+            name=f"{source['name']}-{split}",
+            split=split,
+            digest=hashlib.sha256(canonical).hexdigest()[:16],
+            location=f"{str(shards.root).rstrip('/')}/{source['name']}/{MANIFEST}",
+            profile={
+                "reads": shards.field,
+                "images": entry.get("images"),
+                "captions": entry.get("captions"),
+                "shards": len(entry.get("shards", [])),
+            },
+        )
 
 
 def batch_by_image(ctx: StageContext) -> bool:

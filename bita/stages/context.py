@@ -39,3 +39,5 @@ class StageResult:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     scored_split: str | None = None  # the split `metrics` were measured on
+    selection_score: float | None = None  # `stage.select_metric` of the selected checkpoint
+    captioner: Path | None = None  # the checkpoint to hand to users (logged as an MLflow model)

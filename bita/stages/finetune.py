@@ -54,7 +54,7 @@ def fit_and_select(
         with gathered_parameters(model, trainer.zero_stage):
             return score_split(ctx, model, val_split, None, out_dir, step=epoch, shards=val_shards)
 
-    trainer.fit(
+    fit = trainer.fit(
         make_batches,
         loss_fn,
         steps_per_epoch=epoch_steps,
@@ -67,4 +67,10 @@ def fit_and_select(
     if final_split:
         best_model, _ = load_model(best, device=ctx.dist.device)
         metrics = score_split(ctx, best_model, final_split, str(best), ctx.stage_dir)
-    return StageResult(checkpoint=best, metrics=metrics, scored_split=final_split)
+    return StageResult(
+        checkpoint=best,
+        metrics=metrics,
+        scored_split=final_split,
+        selection_score=fit.best_metric,
+        captioner=best,
+    )

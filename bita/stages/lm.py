@@ -16,7 +16,7 @@ from omegaconf import OmegaConf, open_dict
 from bita.data import stream
 from bita.models.llm import PrefixLM, train_caption_tokenizer
 from bita.models.trainable import set_trainable
-from bita.stages.common import make_trainer
+from bita.stages.common import log_dataset_inputs, make_trainer
 from bita.stages.context import StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ def run(ctx: StageContext) -> StageResult:
         return StageResult(config_overrides=carried)
 
     captions = stream.caption_texts(ctx.cfg.dataset, split=ctx.cfg.stage.split, skips=ctx.skips)
+    log_dataset_inputs(ctx, stream.image_shards(ctx.cfg.dataset, None), ctx.cfg.stage.split)
     tokenizer_dir = ctx.stage_dir / "tokenizer"
     train_caption_tokenizer(captions, llm_cfg.tokenizer_vocab_size, tokenizer_dir)
     lm_cfg = OmegaConf.create(OmegaConf.to_container(llm_cfg, resolve=True))

@@ -13,17 +13,40 @@ def trainer_step(checkpoint: Path) -> int:
 
 
 def test_pretrain1_leaves_a_resumable_checkpoint(tmp_path):
-    args = ("experiment=tiny", "stage=pretrain1", "dataset=demo", "train.max_steps=3")
-    bita_run(tmp_path, *args)
-    run_dir = tmp_path / "runs/tiny/dataset-demo+stage-pretrain1+train.max_steps-3"
+    """Faults on main: a path value (`paths.shards=data/shards`) nested the run folder, the
+    README's `optim.lr_scales={llm.*:0.25}` left the MLflow run RUNNING with no params under an
+    "unreachable store" warning, and DeepSpeed's compiler probes filled the console."""
+    args = (
+        "experiment=tiny",
+        "stage=pretrain1",
+        "dataset=demo",
+        "train.max_steps=3",
+        "paths.shards=data/shards",
+        "optim.lr_scales={llm.*:0.25}",
+    )
+    first = bita_run(tmp_path, *args)
+    name = "tiny/dataset-demo+optim.lr_scales-llm.__0.25_c18ce0+paths.shards-shards_e91dff"
+    name += "+stage-pretrain1+train.max_steps-3"
+    run_dir = tmp_path / "runs" / name
+    assert f"run folder: {run_dir}" in first.stdout
     last = run_dir / "pretrain1/checkpoints/last"
     assert trainer_step(last) == 3
     assert {"config.yaml", "model.safetensors", "trainer_state.json"} <= {
         p.name for p in last.iterdir()
     }
+    console = first.stdout + first.stderr
+    for noise in ("gcc ", "No CUDA runtime", "built successfully", "unreachable"):
+        assert noise not in console
     # the same command again finds its run folder and resumes instead of starting over
     again = bita_run(tmp_path, *args)
     assert "resumed from" in again.stderr + again.stdout and trainer_step(last) == 3
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("bita").experiment_id])
+    assert run.info.run_name == name and run.info.status == "FINISHED"
+    assert run.data.params["optim.lr_scales"] == '{"llm.*": 0.25}'
+    assert "pretrain1/train/loss" in run.data.metrics
 
 
 def test_sweep_is_one_parent_with_a_child_per_job(tmp_path):
