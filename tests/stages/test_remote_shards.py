@@ -40,6 +40,8 @@ class RecordingTracker:
     """Stands in for bita.tracking.Tracker (whose MLflow calls test_tracking checks): keeps
     the metrics a stage sends."""
 
+    run_id = None  # no MLflow run behind it, so stages log no dataset inputs
+
     def __init__(self) -> None:
         self.metrics: dict[str, float] = {}
 
