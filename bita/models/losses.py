@@ -28,16 +28,21 @@ def contrastive_loss(
     """ITC over L2-normalised query features [B, Q, E] and text features [B, E].
 
     A pair's similarity is the best-matching query's dot product, divided by `temp`. Negatives
-    are every other pair on every rank, including other captions of the same image."""
-    all_images, offset = gather_batch(image_feats)
-    all_texts, _ = gather_batch(text_feats)
-    sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, all_texts).amax(-1) / temp
-    sim_t2i = torch.einsum("be,nqe->bnq", text_feats, all_images).amax(-1) / temp
-    targets = torch.arange(image_feats.shape[0], device=image_feats.device) + offset
-    loss = (
-        F.cross_entropy(sim_i2t.float(), targets, label_smoothing=label_smoothing)
-        + F.cross_entropy(sim_t2i.float(), targets, label_smoothing=label_smoothing)
-    ) / 2
+    are every other pair on every rank, including other captions of the same image.
+
+    Similarities are computed in fp32 whatever the autocast: at temperature 0.07, bf16 logits
+    (about 14 at most) fall on a grid of 0.0625, coarser than the differences the loss ranks."""
+    with torch.autocast(device_type=image_feats.device.type, enabled=False):
+        image_feats, text_feats, temp = image_feats.float(), text_feats.float(), temp.float()
+        all_images, offset = gather_batch(image_feats)
+        all_texts, _ = gather_batch(text_feats)
+        sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, all_texts).amax(-1) / temp
+        sim_t2i = torch.einsum("be,nqe->bnq", text_feats, all_images).amax(-1) / temp
+        targets = torch.arange(image_feats.shape[0], device=image_feats.device) + offset
+        loss = (
+            F.cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing)
+            + F.cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing)
+        ) / 2
     hits = (sim_i2t.argmax(-1) == targets).float().mean() + (
         sim_t2i.argmax(-1) == targets
     ).float().mean()

@@ -41,3 +41,17 @@ def test_gather_without_process_group_is_identity():
     x = torch.randn(4, 3, requires_grad=True)
     gathered, offset = gather_batch(x)
     assert gathered is x and offset == 0
+
+
+def test_itc_similarities_are_fp32_under_bf16_autocast():
+    """Under bf16 autocast the loss must be the fp32 one. Fails on similarities computed in the
+    autocast dtype: at temperature 0.07 bf16 logits fall on a 0.0625 grid."""
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(16, 4, 32), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(16, 32), dim=-1)
+    temp = torch.tensor(0.07)
+    fp32 = contrastive_loss(images, texts, temp, SMOOTHING)["loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = contrastive_loss(images, texts, temp, SMOOTHING)["loss"]
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, fp32, rtol=0, atol=1e-6)
