@@ -10,16 +10,35 @@ import torch.nn.functional as F
 def gather_batch(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All ranks' batches concatenated, and this rank's offset in it.
 
-    Other ranks' slices carry no gradient; this rank's slice is the local tensor itself, so the
-    local gradient is complete. One process (no process group) returns `x` unchanged, so stage 1
-    runs outside distributed mode (an authors' defect)."""
+    The gather carries gradients: in the backward, each rank's gradient for a slice goes back
+    to the rank that owns it and is summed there. A sample is a negative in every rank's rows,
+    so without this its gradient would miss those terms, and N processes would not train as one
+    process on their concatenated batch (the authors' gather, like BLIP-2's, has no gradient).
+    One process (no process group) returns `x` unchanged, so stage 1 runs outside distributed
+    mode (an authors' defect)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    rank = dist.get_rank()
-    parts[rank] = x
-    return torch.cat(parts), rank * x.shape[0]
+    return _GatherWithGradient.apply(x), dist.get_rank() * x.shape[0]
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """`all_gather` of equal-sized batches, concatenated; the backward sums the gradient of the
+    whole concatenation over ranks and hands each rank the slice of its own samples.
+    (`torch.distributed.nn.all_gather` is deprecated, and on gloo its backward failed the
+    two-process test in tests/models/test_losses.py.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = slice(dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rows]
 
 
 def contrastive_loss(
