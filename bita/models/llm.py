@@ -31,6 +31,7 @@ BEAM_LOOPS = ("bita", "transformers")  # decode.beam_loop: whose loop writes cap
 # the searches the project's loop runs: (settings type, search), the first that applies wins
 SEARCHES = ((BeamRules, beam_search), (SampleRules, sample_search))
 IGNORE_INDEX = -100
+STAND_IN = "standin"  # llm.tokenizer value: `stand_in_tokenizer()`, for random-weight builds
 SPECIAL_TOKENS = {
     "pad_token": "<pad>",
     "bos_token": "</s>",
@@ -45,6 +46,20 @@ def train_caption_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str 
 
     Byte-level: every byte (so "\n") is a token and no caption is out of vocabulary. Special
     tokens follow OPT's convention (`</s>` is bos and eos, `<pad>` pads)."""
+    out = Path(out_dir)
+    _byte_level_bpe(texts, vocab_size).save_pretrained(out)
+    return out
+
+
+def stand_in_tokenizer():
+    """`llm.tokenizer: standin`: a byte-level tokenizer built on the spot, one token per byte
+    plus OPT's special tokens, no merges and no download. It lets an LM with random weights be
+    built offline at full size (its embedding table keeps `llm.config.vocab_size`), for sizes,
+    memory and speed; its ids are nobody's, so captions from it carry no meaning."""
+    return _byte_level_bpe([], vocab_size=0)
+
+
+def _byte_level_bpe(texts: Iterable[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -59,10 +74,7 @@ def train_caption_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str 
         show_progress=False,
     )
     tokenizer.train_from_iterator((t + CAPTION_END for t in texts), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
-    out = Path(out_dir)
-    fast.save_pretrained(out)
-    return out
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
 def load_tokenizer(spec: str, field: str):
@@ -376,9 +388,9 @@ def build_prefix_lm(cfg: Mapping[str, Any]) -> PrefixLM:
             "llm.tokenizer is null: this LM has no public tokenizer. Train one with the caption "
             "LM stage (python -m bita.run stage=lm) or set llm.tokenizer to a folder"
         )
-    tokenizer = load_tokenizer(cfg["tokenizer"], "llm.tokenizer")
-    dtype = parse_dtype(cfg.get("dtype", "fp32"), "llm.dtype")
     spec = cfg.get("pretrained")
+    tokenizer = _lm_tokenizer(cfg["tokenizer"], spec)
+    dtype = parse_dtype(cfg.get("dtype", "fp32"), "llm.dtype")
     source = Path(resolve_location(spec)) if spec else None
     if source is not None and source.is_dir() and not _has_weights(source):
         if not cfg.get("in_checkpoint"):
@@ -393,10 +405,24 @@ def build_prefix_lm(cfg: Mapping[str, Any]) -> PrefixLM:
         arch = dict(cfg.get("config") or {})
         arch.setdefault("vocab_size", len(tokenizer))
         ids = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
-        model = OPTForCausalLM(OPTConfig(**{**ids, **arch}))
+        # built in its own dtype: OPT-2.7B initialised in fp32 first would take 11 GB
+        model = OPTForCausalLM._from_config(OPTConfig(**{**ids, **arch}), dtype=dtype)
     model.to(dtype)
     model.requires_grad_(bool(cfg.get("trainable", False)))
     return PrefixLM(model, tokenizer)
+
+
+def _lm_tokenizer(spec: str, pretrained: str | None):
+    """`llm.tokenizer`: a hub name, folder or location, or `standin` for random weights."""
+    if spec != STAND_IN:
+        return load_tokenizer(spec, "llm.tokenizer")
+    if pretrained:
+        raise ValueError(
+            f"llm.tokenizer={STAND_IN} goes only with random weights (llm.pretrained=null): its "
+            f"ids are not those llm.pretrained={pretrained!r} was trained on, so every caption "
+            "would be noise. Give that LM's own tokenizer."
+        )
+    return stand_in_tokenizer()
 
 
 def _load_opt(path: str, dtype: torch.dtype, spec: str) -> nn.Module:
