@@ -109,10 +109,21 @@ def start_nodes(cwd: Path, logs: Path) -> list[subprocess.Popen]:
                 env=clean_env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: agent and worker killed together
             )
         )
     return nodes
+
+
+def kill_with_workers(agent: subprocess.Popen) -> None:
+    """SIGKILL a torchrun agent and its workers (they run in sessions of their own, so the
+    agent's process group does not reach them), by process id."""
+    import psutil  # a DeepSpeed dependency
+
+    processes = [*psutil.Process(agent.pid).children(recursive=True), psutil.Process(agent.pid)]
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
+    agent.wait()
 
 
 def checkpoint_step(last: Path) -> int:
@@ -122,7 +133,7 @@ def checkpoint_step(last: Path) -> int:
 
 @pytest.mark.slow
 def test_two_node_multinode_run_finishes_checkpoints_and_resumes(tmp_path):
-    """Two torchrun agents (`--nnodes 2`), killed (agent and worker, SIGKILL) once a checkpoint
+    """Two torchrun agents (`--nnodes 2`), killed (agents and workers, SIGKILL) once a checkpoint
     past step 2 exists, then started again: the run resumes there and finishes, and its
     checkpoint holds both ranks' optimizer state."""
     last = tmp_path / "runs/two_nodes/pretrain1/checkpoints/last"
@@ -132,8 +143,7 @@ def test_two_node_multinode_run_finishes_checkpoints_and_resumes(tmp_path):
         assert all(n.poll() is None for n in nodes), (tmp_path / "node0.log").read_text()[-3000:]
         time.sleep(0.05)
     for node in nodes:
-        os.killpg(node.pid, signal.SIGKILL)
-        node.wait()
+        kill_with_workers(node)
     killed_at = checkpoint_step(last)
     assert 2 <= killed_at < STEPS
 
