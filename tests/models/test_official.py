@@ -13,6 +13,8 @@ from stages.runner import bita_run
 
 from bita.models.official import from_official, read_official, to_official
 
+from .test_prefix_decoder import opt_lm
+
 N_LAYERS = 2
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -136,25 +138,10 @@ def _convert_tool():
 def public_opt(tmp_path, caption_tokenizer) -> Path:
     """A tiny OPT with its tokenizer in a local folder: stands in for `facebook/opt-2.7b`, the
     frozen public LM that the authors' files do not hold."""
-    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(caption_tokenizer)
-    config = OPTConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        ffn_dim=128,
-        num_attention_heads=2,
-        max_position_embeddings=96,
-        word_embed_proj_dim=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
+    lm = opt_lm(caption_tokenizer)
     folder = tmp_path / "opt"
-    OPTForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
     return folder
 
 
