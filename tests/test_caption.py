@@ -1,5 +1,6 @@
 """`python -m bita.caption` and `bita.Captioner` on a real (tiny, random) checkpoint."""
 
+import io
 import json
 import logging
 import subprocess
@@ -11,7 +12,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from bita.caption import Captioner, _as_rgb, build_parser, expand_inputs, main
+from bita import caption
+from bita.caption import Captioner, _as_rgb, build_parser, caption_files, expand_inputs, main
 from bita.data.images import load_image
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -140,3 +142,33 @@ def test_import_bita_stays_light_and_exports_captioner():
     assert bita.Captioner is Captioner
     with pytest.raises(AttributeError, match="no attribute 'Captionr'"):
         _ = bita.Captionr
+
+
+def test_images_are_resized_one_by_one_as_read_and_jpegs_decode_in_draft(
+    checkpoint, tmp_path, monkeypatch
+):
+    """Fault: a batch of three 2,000 x 2,000 JPEGs. Main decoded all three at full size before
+    resizing any (16 images of 6,000 x 6,000 took 3.5 GB)."""
+    for index in range(3):
+        Image.new("RGB", (2000, 2000), (40 * index, 90, 60)).save(tmp_path / f"{index}.jpg")
+    captioner = Captioner.from_checkpoint(checkpoint, device="cpu", batch_size=3, num_beams=1)
+    events = []
+    read, resize = caption.load_image, captioner.transform
+    monkeypatch.setattr(
+        caption, "load_image", lambda *a, **k: events.append("read") or read(*a, **k)
+    )
+    captioner.transform = lambda picture: events.append(picture.size) or resize(picture)
+    lines = list(caption_files(captioner, sorted(tmp_path.glob("*.jpg")), io.StringIO()))
+    assert all("caption" in line for line in lines)
+    assert events[0::2] == ["read"] * 3
+    size = captioner.model.preprocess.size
+    assert all(2 * size <= side <= 1000 for sizes in events[1::2] for side in sizes)
+
+
+def test_an_image_past_pillows_pixel_limit_is_captioned(checkpoint, tmp_path, capsys):
+    """Fault: a 13,400 x 13,400 JPEG (180 million pixels). Main refused it as a decompression
+    bomb (Pillow's default limit: 89 million pixels, refused above twice that)."""
+    Image.new("L", (13400, 13400), 90).save(tmp_path / "scene.jpg", quality=10)
+    argv = ["--checkpoint", str(checkpoint), str(tmp_path / "scene.jpg"), "--num-beams", "1"]
+    assert main(argv) == 0
+    assert "caption" in json.loads(capsys.readouterr().out)

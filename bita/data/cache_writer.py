@@ -29,6 +29,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from bita.data import storage
 from bita.data.captions import usable_captions
 from bita.data.features import (
     FORMAT,
@@ -39,9 +40,10 @@ from bita.data.features import (
     view_member,
     view_seed,
 )
-from bita.data.images import load_image
+from bita.data.images import ImageError, load_image
 from bita.data.shards import MANIFEST, TAR_META, read_manifest, replace_folder
-from bita.data.stream import IMAGE_EXTENSIONS, SkipLog, with_cpu_seed
+from bita.data.skips import SkipLog
+from bita.data.stream import IMAGE_EXTENSIONS, with_cpu_seed
 from bita.locations import resolve_location
 from bita.models.encoders import FrozenImageEncoder
 
@@ -101,9 +103,10 @@ def _cache_source(
     out_root: Path,
     options: CacheOptions,
 ) -> dict:
-    image_root = Path(resolve_location(str(dataset_cfg["root"])))
+    image_root = resolve_location(str(dataset_cfg["root"]))  # a folder, URL or pipe: command
     image_manifest = read_manifest(image_root, source)
-    source_sha = hashlib.sha256((image_root / source / MANIFEST).read_bytes()).hexdigest()
+    manifest_bytes = storage.read_bytes(storage.join(image_root, source, MANIFEST))
+    source_sha = hashlib.sha256(manifest_bytes).hexdigest()
     final = out_root / source
     current = _existing_manifest(final)
     key, train_split = fingerprint(settings), str(dataset_cfg["train_split"])
@@ -113,7 +116,9 @@ def _cache_source(
         return current
     staging = out_root / f".{source}.partial-{_hash(key, source_sha, train_split)}"
     units = [
-        _Unit(split, _role(dataset_cfg, split), str(image_root / source / s["file"]), s["file"])
+        _Unit(
+            split, _role(dataset_cfg, split), storage.join(image_root, source, s["file"]), s["file"]
+        )
         for split, entry in image_manifest["splits"].items()
         for s in entry["shards"]
     ]
@@ -242,9 +247,7 @@ class _ViewImages(IterableDataset):
 
     def _unit_batches(self, index: int) -> Iterator[dict]:
         unit = self.units[index]
-        samples = wds.DataPipeline(
-            wds.SimpleShardList([unit.path]), wds.tarfile_to_samples(handler=self.skips)
-        )
+        samples = storage.tar_samples([{"url": unit.path}], report=self.skips)
         views = self.views if unit.role == "train" else 1
         per_batch = max(1, self.batch_size // views)  # tower inputs are images x views
         batch = self._empty(index)
@@ -264,14 +267,13 @@ class _ViewImages(IterableDataset):
         extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         try:
             if extension is None or "json" not in sample:
-                raise ValueError(
-                    f"sample {key} in {sample.get('__url__')}: needs an image and json"
-                )
+                raise ValueError(f"no {' or '.join(IMAGE_EXTENSIONS)} or no json member")
             picture = load_image(sample[extension], name=key)
             pixels = self._views(key, picture, role)
         except ValueError as err:
-            self.skips(err)
-            batch["skipped"].append({"key": key, "reason": str(err)})
+            reason = err.reason if isinstance(err, ImageError) else str(err)
+            self.skips.sample(sample["__url__"], key, reason)
+            batch["skipped"].append({"key": key, "reason": reason})
             return
         batch["keys"].append(key)
         batch["json"].append(sample["json"])

@@ -119,6 +119,7 @@ def image_caption_batches(
             rank=ctx.dist.rank,
             world_size=ctx.dist.world_size,
             per_image=per_image,
+            skips=ctx.skips,
         )
 
     return make

@@ -8,10 +8,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from bita.data.skips import SkipLog
+
 
 @dataclass
 class StageContext:
-    """One stage's view of the run: its effective config, folder, processes and tracker.
+    """One stage's view of the run: its effective config, folder, processes, tracker and the
+    log of bad data its streams met.
 
     `cfg.stage` is this stage's config and `cfg.optim` / `cfg.train` are already merged (the
     stage's own values, overridden by any root value that is set), so recipes read one place.
@@ -21,6 +24,7 @@ class StageContext:
     stage_dir: Path
     dist: Any
     tracker: Any
+    skips: SkipLog = field(default_factory=SkipLog)  # every stream of the stage reports here
 
     @property
     def name(self) -> str:

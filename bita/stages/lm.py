@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> StageResult:
         log.info("stage lm: %s already holds the trained LM", export_dir)
         return StageResult(config_overrides=carried)
 
-    captions = stream.caption_texts(ctx.cfg.dataset, split=ctx.cfg.stage.split)
+    captions = stream.caption_texts(ctx.cfg.dataset, split=ctx.cfg.stage.split, skips=ctx.skips)
     tokenizer_dir = ctx.stage_dir / "tokenizer"
     train_caption_tokenizer(captions, llm_cfg.tokenizer_vocab_size, tokenizer_dir)
     lm_cfg = OmegaConf.create(OmegaConf.to_container(llm_cfg, resolve=True))

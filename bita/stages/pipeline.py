@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bita.stages.context import StageContext, StageResult
@@ -68,8 +69,36 @@ def run_stages(
         ctx = StageContext(cfg=eff, stage_dir=run_dir / stage_cfg.name, dist=dist, tracker=tracker)
         log.info("stage %s: starting in %s", stage_cfg.name, ctx.stage_dir)
         result = recipe_for(stage_cfg)(ctx)
+        report_skips(ctx)
         results.append((str(stage_cfg.name), result))
         carried.update(result.config_overrides)
         if result.checkpoint is not None:
             init_from = str(result.checkpoint)
     return results
+
+
+def report_skips(ctx: StageContext) -> dict[str, int]:
+    """End a stage with its totals of skipped samples and bad shards, summed over ranks (a
+    sample skipped on two ranks counts twice): logged, and sent to the tracker as
+    ``<stage>/skipped_samples``, ``<stage>/distinct_skipped_samples``, ``<stage>/bad_shards``."""
+    totals = ctx.skips.totals()
+    if ctx.dist.world_size > 1:
+        import torch.distributed as tdist
+
+        summed = torch.tensor(list(totals.values()), dtype=torch.int64, device=ctx.dist.device)
+        tdist.all_reduce(summed)
+        totals = dict(zip(totals, summed.tolist(), strict=True))
+    if ctx.dist.is_main:
+        bad = totals["skipped_samples"] or totals["bad_shards"]
+        log.log(
+            logging.WARNING if bad else logging.INFO,
+            "stage %s: %d samples skipped (%d distinct), %d bad shards%s",
+            ctx.name,
+            totals["skipped_samples"],
+            totals["distinct_skipped_samples"],
+            totals["bad_shards"],
+            " (each named in a warning above)" if bad else "",
+        )
+        if ctx.tracker is not None:
+            ctx.tracker.log_metrics({f"{ctx.name}/{k}": v for k, v in totals.items()}, step=0)
+    return totals

@@ -35,6 +35,7 @@ def score_split(
         num_workers=ctx.cfg.hardware.num_workers,
         rank=ctx.dist.rank,
         world_size=ctx.dist.world_size,
+        skips=ctx.skips,
     )
     return evaluate(
         model,

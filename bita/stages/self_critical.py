@@ -57,7 +57,7 @@ def run(ctx: StageContext) -> StageResult:
 
 def self_critical_settings(ctx: StageContext) -> SelfCritical:
     """`stage.self_critical` with a CIDEr-D reward whose idf comes from the training split."""
-    corpus = stream.caption_groups(ctx.cfg.dataset, split=ctx.cfg.stage.split)
+    corpus = stream.caption_groups(ctx.cfg.dataset, split=ctx.cfg.stage.split, skips=ctx.skips)
     log.info("stage %s: CIDEr-D reward over %d training images", ctx.name, len(corpus))
     options = dict(ctx.cfg.stage.self_critical)
     known = {f.name for f in dataclasses.fields(SelfCritical)} - {"reward", "beam_loop"}
