@@ -71,7 +71,8 @@ def toy_batches(micro: int, rank: int = 0, poison: frozenset = frozenset(), slee
             gen = torch.Generator().manual_seed(epoch * 100_003 + rank * 1009 + i)
             x = torch.randn(micro, 4, generator=gen)
             time.sleep(sleep)
-            yield {"x": x, "y": x.sum(-1), "poison": (epoch, i) in poison, "id": [str(i)] * micro}
+            ids = [f"{epoch}.{rank}.{i}.{j}" for j in range(micro)]  # epoch, rank, batch, row
+            yield {"x": x, "y": x.sum(-1), "poison": (epoch, i) in poison, "id": ids}
             i += 1
 
     return make
