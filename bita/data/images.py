@@ -17,13 +17,15 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from bita.errors import UserError
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 _STRETCH_PERCENTILES = (0.5, 99.5)
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image file that cannot be decoded; the message names the file."""
 
 

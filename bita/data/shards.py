@@ -33,6 +33,7 @@ from tqdm import tqdm
 from bita.data.annotations import SPLITS, CaptionRecord
 from bita.data.captions import usable_captions
 from bita.data.images import ImageError, encode_for_shard
+from bita.errors import MissingFileError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "bita-shards/1"
@@ -188,7 +189,7 @@ def read_manifest(root: str | Path, dataset: str) -> dict:
 def read_json_manifest(path: Path, expected_format: str, *, how_to_build: str) -> dict:
     """A manifest file of the expected format; a missing one says how to build it."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; {how_to_build}")
+        raise MissingFileError(f"{path}: no manifest; {how_to_build}")
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if manifest.get("format") != expected_format:
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {expected_format!r}")

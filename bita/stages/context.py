@@ -21,6 +21,7 @@ class StageContext:
     stage_dir: Path
     dist: Any
     tracker: Any
+    handed_over: dict[str, Any] | None = None  # the previous stage's `selection` of init_from
 
     @property
     def name(self) -> str:
@@ -35,3 +36,4 @@ class StageResult:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     scored_split: str | None = None  # the split `metrics` were measured on
+    selection: dict[str, Any] | None = None  # which of its checkpoints `checkpoint` is, and why

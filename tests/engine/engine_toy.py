@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bita.engine.checkpoint import model_state
+from bita.engine.checkpoint import latest_intact, model_state
 from bita.engine.distributed import DistInfo, init_distributed
 from bita.engine.trainer import FitResult, Trainer
 
@@ -165,21 +165,30 @@ def read_final(run_dir: Path, rank: int = 0) -> dict:
     return json.loads((run_dir / f"final.rank{rank}.json").read_text())
 
 
+def saved_step(run_dir: Path) -> int | None:
+    """The step of the checkpoint a resume of `run_dir` would start from (None: none yet)."""
+    source = latest_intact(run_dir / "checkpoints")
+    return None if source is None else json.loads((source / "trainer_state.json").read_text())["step"]
+
+
 def kill_after_step(command: list[str], env: dict[str, str], run_dir: Path, step: int) -> int:
     """Run `command` (a toy run into `run_dir`), SIGKILL it once its last checkpoint reaches
-    `step`, and return the step that checkpoint holds: a crash at an arbitrary point."""
+    `step`, and return the step of the checkpoint it resumes from: a crash at an arbitrary
+    point (a kill may fall between the two renames of a save, leaving only `previous`)."""
     victim = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
-    state_file = run_dir / "checkpoints/last/trainer_state.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and victim.poll() is None:
-        if state_file.exists() and json.loads(state_file.read_text())["step"] >= step:
-            break
+        try:
+            if (saved_step(run_dir) or 0) >= step:
+                break
+        except (OSError, ValueError):  # a folder renamed while it was read
+            pass
         time.sleep(0.02)
     if victim.poll() is not None:
         raise AssertionError(f"the run ended (exit {victim.returncode}) before it was killed")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    return json.loads(state_file.read_text())["step"]
+    return saved_step(run_dir)
 
 
 def main() -> None:

@@ -130,4 +130,4 @@ def test_two_processes_on_gloo_agree(tmp_path):
     assert ranks[0]["step"] == ranks[1]["step"] == 2
     assert ranks[0]["weights"] == ranks[1]["weights"]
     last = tmp_path / "checkpoints/last"
-    assert (last / "optimizer.rank0.pt").exists() and (last / "optimizer.rank1.pt").exists()
+    assert (last / "rng.rank0.pt").exists() and (last / "rng.rank1.pt").exists()
