@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from bita.errors import reports_user_errors
 from bita.models.official import from_official, read_official, to_official
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("direction", choices=["to-bita", "to-official"])
