@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bita.engine.checkpoint import latest_intact, model_state
+from bita.engine.checkpoint import model_state
 from bita.engine.distributed import DistInfo, init_distributed
 from bita.engine.trainer import FitResult, Trainer
 
@@ -178,8 +178,11 @@ def read_final(run_dir: Path, rank: int = 0) -> dict:
 
 def saved_state(run_dir: Path) -> dict:
     """The trainer state a resume of `run_dir` would start from ({} before the first save)."""
-    source = latest_intact(run_dir / "checkpoints")
-    return {} if source is None else json.loads((source / "trainer_state.json").read_text())
+    for name in ("last", "previous"):  # `previous` alone: a kill between a save's renames
+        state_file = run_dir / "checkpoints" / name / "trainer_state.json"
+        if state_file.is_file():
+            return json.loads(state_file.read_text())
+    return {}
 
 
 def kill_when(command: list[str], env: dict[str, str], run_dir: Path, ready) -> dict:

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import bita.engine.checkpoint as ckpt_mod
-from bita.engine.checkpoint import load_model, model_state, resume_source
+from bita.engine.checkpoint import load_model, model_state
 
 
 class _Crash(Exception):
@@ -90,6 +90,8 @@ def test_files_load_safely_and_config_sits_beside_weights(dist, tmp_path, monkey
 def test_kill_during_write_keeps_previous_checkpoint(dist, tmp_path, monkeypatch):
     """Fault: the process dies while a checkpoint is being written, and between the two
     renames that put a finished write in place."""
+    from bita.engine.checkpoint import resume_source
+
     _cut_run(tmp_path, dist, monkeypatch)  # saves at steps 2, 4 (+ epoch end), 6
     last = tmp_path / "checkpoints" / "last"
     before = _weights(tmp_path)
