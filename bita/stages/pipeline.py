@@ -74,7 +74,7 @@ def recipe_for(stage_cfg: DictConfig):
     try:
         module = importlib.import_module(f"bita.stages.{stage_cfg.recipe}")
     except ModuleNotFoundError as err:
-        raise ValueError(
+        raise ConfigError(
             f"stage {stage_cfg.name!r}: recipe {stage_cfg.recipe!r} has no module bita.stages."
             f"{stage_cfg.recipe}"
         ) from err
