@@ -12,7 +12,8 @@ shards; an up-to-date cache is left as is. The tower runs on CUDA when hardware.
 cuda (or auto with a GPU visible), decoding uses hardware.num_workers workers.
 
 A tower with random or project-trained weights (encoder.in_checkpoint=true) matches a run only
-with the same weights: pass init_from=CHECKPOINT_DIR to take the tower from that checkpoint.
+with the same weights: pass init_from=CHECKPOINT_DIR to take the tower (its config and weights)
+from that checkpoint. Bad settings and missing inputs end in one line naming them.
 """
 
 from __future__ import annotations
