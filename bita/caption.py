@@ -30,6 +30,7 @@ from PIL import Image
 from bita.data.images import load_image
 from bita.data.transforms import eval_transform
 from bita.engine.checkpoint import load_model
+from bita.errors import UserError, reports_user_errors
 from bita.eval.decoding import DecodeSettings, caption_images
 
 ImageInput = str | Path | Image.Image
@@ -66,6 +67,8 @@ class Captioner:
         (``num_beams=3``, ``batch_size=8``, ...).
         """
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {device!r}: no CUDA device is visible (use cpu)")
         model, cfg = load_model(checkpoint_dir, device=device)
         settings = DecodeSettings.from_config(cfg.get("decode"), **decode_overrides)
         preprocess = model.preprocess
@@ -180,16 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
+    if args.out is not None and args.out.is_dir():
+        raise UserError(
+            f"--out {args.out}: is a folder; give the file to write, e.g. {args.out}/captions.jsonl"
+        )
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodeSettings)}
     try:
         captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device, **overrides)
-    except (OSError, ValueError, KeyError) as err:
-        parser.error(str(err))
+    except (
+        OSError
+    ) as err:  # unreadable files, weights that cannot be fetched: the message says which
+        raise UserError(str(err)) from err
     paths = expand_inputs(args.inputs)
     if args.out is None:
         lines = list(caption_files(captioner, paths, sys.stdout))

@@ -20,9 +20,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from bita.engine.distributed import apply_thread_count, init_distributed, strip_launcher_args
+from bita.errors import reports_user_errors
 from bita.eval.tables import metrics_table
 from bita.run_names import register_resolver, run_name
-from bita.stages.pipeline import run_stages
+from bita.stages.init_from import model_from_checkpoint
+from bita.stages.pipeline import check_config, run_stages
 from bita.tracking import Tracker
 
 log = logging.getLogger("bita.run")
@@ -77,7 +79,15 @@ def objective(results: list) -> float | None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    return reports_user_errors(run)(cfg)
+
+
+def run(cfg: DictConfig) -> float | None:
+    """One job: settle and check the config, then run its stages (user errors: one line);
+    returns the objective a sweeper optimises."""
     hydra_cfg = HydraConfig.get()
+    cfg = model_from_checkpoint(cfg, hydra_cfg.overrides.task)
+    check_config(cfg)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode.name == "MULTIRUN" else None
     with console_to_log_file():

@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
 from bita import caption
@@ -89,9 +91,42 @@ def test_bad_checkpoint_or_setting_is_a_usage_error(checkpoint, tmp_path, capsys
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, "x.jpg"])
         assert exit_info.value.code == 2
-    errors = capsys.readouterr().err
-    assert f"{tmp_path}/config.yaml: not a bita checkpoint folder" in errors
-    assert "decode.top_p=2.0 is invalid" in errors
+    errors = capsys.readouterr().err.splitlines()
+    assert errors[0].startswith(f"error: {tmp_path}: not a bita checkpoint folder")
+    assert errors[1].startswith("error: decode.top_p=2.0 is invalid")
+    assert len(errors) == 2
+
+
+def _one_line_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_out_as_a_folder_is_one_line(checkpoint, tmp_path, capsys):
+    """Fault: `--out` naming a folder, once an IsADirectoryError traceback."""
+    argv = ["--checkpoint", str(checkpoint), "x.jpg", "--out", str(tmp_path)]
+    assert f"--out {tmp_path}: is a folder" in _one_line_error(argv, capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line(checkpoint, capsys):
+    """Fault: `--device cuda` where no GPU is visible, once a torch traceback."""
+    argv = ["--checkpoint", str(checkpoint), "x.jpg", "--device", "cuda"]
+    assert "no CUDA device is visible" in _one_line_error(argv, capsys)
+
+
+def test_a_truncated_checkpoint_is_one_line_naming_the_file(checkpoint, tmp_path, capsys):
+    """Fault: a checkpoint whose model.safetensors was cut short (a bad copy), once a
+    safetensors traceback that named no file."""
+    damaged = shutil.copytree(checkpoint, tmp_path / "best")
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    line = _one_line_error(["--checkpoint", str(damaged), "x.jpg"], capsys)
+    assert f"{weights} cannot be read" in line
 
 
 def test_python_api_takes_paths_and_pil_images(checkpoint, image_folder):

@@ -12,7 +12,8 @@ shards; an up-to-date cache is left as is. The tower runs on CUDA when hardware.
 cuda (or auto with a GPU visible), decoding uses hardware.num_workers workers.
 
 A tower with random or project-trained weights (encoder.in_checkpoint=true) matches a run only
-with the same weights: pass init_from=CHECKPOINT_DIR to take the tower from that checkpoint.
+with the same weights: pass init_from=CHECKPOINT_DIR to take the tower (its config and weights)
+from that checkpoint. Bad settings and missing inputs end in one line naming them.
 """
 
 from __future__ import annotations
@@ -25,20 +26,26 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from safetensors.torch import load_file
 
 from bita.data.cache_writer import CacheOptions, cache_features
+from bita.engine.checkpoint import read_weights
 from bita.engine.distributed import apply_thread_count
+from bita.errors import reports_user_errors
 from bita.locations import resolve_location
 from bita.models.encoders import FrozenImageEncoder, build_image_encoder
+from bita.stages.init_from import model_from_checkpoint
+from bita.stages.pipeline import check_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    """The root config as `python -m bita.run OVERRIDES` composes it."""
+    """The root config as `python -m bita.run OVERRIDES` composes and checks it (with
+    `init_from`, the encoder is that checkpoint's)."""
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides)
+        cfg = model_from_checkpoint(compose("config", overrides=overrides), overrides)
+    check_config(cfg)
+    return cfg
 
 
 def pick_device(accelerator: str) -> str:
@@ -55,12 +62,9 @@ def build_tower(cfg: DictConfig) -> FrozenImageEncoder:
     torch.manual_seed(int(cfg.seed))
     tower = build_image_encoder(cfg.encoder)
     if cfg.get("init_from"):
-        path = Path(cfg.init_from) / "model.safetensors"
-        if not path.is_file():
-            raise SystemExit(f"init_from={cfg.init_from}: no model.safetensors there")
         state = {
             k[len("encoder.") :]: v
-            for k, v in load_file(str(path)).items()
+            for k, v in read_weights(cfg.init_from).items()
             if k.startswith("encoder.")
         }
         if state:
@@ -81,6 +85,7 @@ def options_from(cfg: DictConfig) -> CacheOptions:
     )
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from bita.engine.checkpoint import CONFIG, STATE, WEIGHTS, TrainState
+from bita.errors import reports_user_errors
 from bita.models.official import from_official, read_official, to_official
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -63,6 +64,7 @@ def _bita_weights(source: Path) -> dict[str, torch.Tensor]:
     return load_file(str(source / WEIGHTS if source.is_dir() else source))
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("direction", choices=["to-bita", "to-official"])

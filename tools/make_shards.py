@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bita.data.annotations import SPLITS, first_per_class, read_annotations
 from bita.data.shards import ShardingError, make_shards
+from bita.errors import reports_user_errors
 
 DATASETS = ("ucm", "rsicd", "nwpu")
 
@@ -78,6 +79,7 @@ def per_class_counts(specs: list[str]) -> dict[str, int]:
     return counts
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.images.is_dir():

@@ -25,6 +25,8 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
+from bita.errors import UserError
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -34,7 +36,7 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # load_image refuses larger images with its
 _CEILING = "over bita's ceiling (bita.data.images.MAX_PIXELS)"
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image file that cannot be decoded: ``label`` names it, ``reason`` says why."""
 
     def __init__(self, label: str, reason: str) -> None:

@@ -40,6 +40,7 @@ from bita.data import storage
 from bita.data.annotations import SPLITS, CaptionRecord
 from bita.data.captions import usable_captions
 from bita.data.images import ImageError, encode_for_shard
+from bita.errors import MissingFileError, UserError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "bita-shards/1"
@@ -107,7 +108,7 @@ def make_shards(
     return manifest
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
     """make_shards stopped before replacing anything; the message says why and what to do."""
 
 
@@ -254,12 +255,12 @@ def read_json_manifest(location: str, expected_format: str, *, how_to_build: str
     try:
         text = storage.read_bytes(location).decode("utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{location}: no manifest; {how_to_build}") from None
+        raise MissingFileError(f"{location}: no manifest; {how_to_build}") from None
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{location}: not a JSON manifest ({err})") from err
+        raise UserError(f"{location}: not a JSON manifest ({err})") from err
     if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(f"{location}: format {found!r}, expected {expected_format!r}")
+        raise UserError(f"{location}: format {found!r}, expected {expected_format!r}")
     return manifest

@@ -55,6 +55,7 @@ from bita.data.captions import usable_captions
 from bita.data.images import ImageError, load_image
 from bita.data.shards import MANIFEST, read_manifest
 from bita.data.skips import SkipLog
+from bita.errors import MissingFileError
 from bita.locations import resolve_location
 
 Transform = Callable[[Any], torch.Tensor]
@@ -130,7 +131,7 @@ def _split_shards(shard_set: ShardSet, source: str, split: str) -> list[Shard]:
     ]
     missing = [s.path for s in shards if storage.is_local(s.path) and not Path(s.path).is_file()]
     if missing:
-        raise FileNotFoundError(f"{where} lists missing shards: {missing}")
+        raise MissingFileError(f"{where} lists missing shards: {missing}")
     return shards
 
 
@@ -138,11 +139,8 @@ def split_size(dataset_cfg: Any, *, split: str, unit: str, shards: ShardSet | No
     """Usable ``"captions"`` or ``"images"`` of a split over all sources (from the image
     manifests, or from those of ``shards``)."""
     shard_set = shards or image_shards(dataset_cfg, transform=None)
-    return sum(
-        getattr(s, unit)
-        for src in _sources(dataset_cfg)
-        for s in _split_shards(shard_set, src["name"], split)
-    )
+    per_source = _source_shards(dataset_cfg, shard_set, split)
+    return sum(getattr(s, unit) for own in per_source.values() for s in own)
 
 
 def steps_per_epoch(
@@ -243,6 +241,18 @@ def eval_batches(
     return _loader(stream, num_workers)
 
 
+def eval_image_count(dataset_cfg: Any, *, split: str, shards: ShardSet) -> int:
+    """Images of the evaluation source's split, as its manifest counts them."""
+    source = str(dataset_cfg["eval_source"])
+    return sum(s.images for s in _split_shards(shards, source, split))
+
+
+def eval_image_keys(dataset_cfg: Any, *, split: str, shards: ShardSet) -> list[str]:
+    """Keys of the evaluation source's split, read from the shards' json members only."""
+    own = _split_shards(shards, str(dataset_cfg["eval_source"]), split)
+    return [raw.key for raw in _json_records(own, SkipLog())]
+
+
 def caption_groups(
     dataset_cfg: Any, *, split: str, skips: SkipLog | None = None
 ) -> list[list[str]]:
@@ -251,14 +261,20 @@ def caption_groups(
     skips = skips or SkipLog()
     groups: list[list[str]] = []
     shard_set = image_shards(dataset_cfg, transform=None)
-    for source in _sources(dataset_cfg):
-        shards = [{"url": s.path} for s in _split_shards(shard_set, source["name"], split)]
-        samples = storage.tar_samples(shards, report=skips, select_files=_selector(()))
-        for raw in _parsed(samples, skips, members=None):
+    for own in _source_shards(dataset_cfg, shard_set, split).values():
+        for raw in _json_records(own, skips):
             captions = usable_captions(raw.record["captions"])
             if captions:
                 groups.append(captions)
     return groups
+
+
+def _json_records(shards: list[Shard], skips: SkipLog) -> Iterator[_Raw]:
+    """The parsed json records of ``shards`` in order, reading no image or feature member."""
+    samples = storage.tar_samples(
+        [{"url": s.path} for s in shards], report=skips, select_files=_selector(())
+    )
+    return _parsed(samples, skips, members=None)
 
 
 def caption_texts(dataset_cfg: Any, *, split: str, skips: SkipLog | None = None) -> list[str]:
@@ -282,6 +298,26 @@ def _sources(dataset_cfg: Any) -> list[dict]:
     return sources
 
 
+def _source_shards(dataset_cfg: Any, shard_set: ShardSet, split: str) -> dict[str, list[Shard]]:
+    """Each source's shards of `split`; sources without a manifest are named all at once
+    (`dataset=all` with two datasets not yet sharded names both)."""
+    found: dict[str, list[Shard]] = {}
+    missing: list[str] = []
+    for source in _sources(dataset_cfg):
+        try:
+            found[source["name"]] = _split_shards(shard_set, source["name"], split)
+        except MissingFileError as err:
+            missing.append(str(err))
+    if len(missing) > 1:
+        raise MissingFileError(
+            f"dataset {dataset_cfg['name']!r}: {len(missing)} of {len(found) + len(missing)} "
+            f"sources have no manifest: {' | '.join(missing)}"
+        )
+    if missing:
+        raise MissingFileError(missing[0])
+    return found
+
+
 def _training_mix(
     dataset_cfg: Any, shard_set: ShardSet, split: str
 ) -> tuple[list[Shard], list[float]]:
@@ -293,9 +329,10 @@ def _training_mix(
             f"dataset {dataset_cfg['name']!r}: sources[*].weight must be all null "
             f"(proportional to size) or all numbers, got {weights}"
         )
+    per_source = _source_shards(dataset_cfg, shard_set, split)
     shards, draw = [], []
     for source, weight in zip(sources, weights, strict=True):
-        own = _split_shards(shard_set, source["name"], split)
+        own = per_source[source["name"]]
         total = sum(s.captions for s in own)
         scale = 1.0 if weight is None else float(weight) / total
         shards += own

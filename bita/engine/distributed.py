@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bita.errors import ConfigError
+
 _LOCAL_RANK_ARG = re.compile(r"^--local[_-]rank(?:=(\d+))?$")
 
 
@@ -75,9 +77,9 @@ def _env_int(name: str, default: int) -> int:
 
 def _pick_device(accelerator: str, local_rank: int) -> torch.device:
     if accelerator not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"hardware.accelerator={accelerator!r}: expected one of auto, cpu, cuda")
+        raise ConfigError(f"hardware.accelerator={accelerator!r}: expected one of auto, cpu, cuda")
     if accelerator == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise ConfigError(
             "hardware.accelerator=cuda but no CUDA device is visible; use hardware=cpu"
         )
     if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):

@@ -7,11 +7,9 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 from functools import partial
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
-from safetensors.torch import load_file
 
 from bita.data import features, stream
 from bita.data.shards import MANIFEST
@@ -19,6 +17,7 @@ from bita.engine.trainer import Trainer
 from bita.models.build import build_model
 from bita.models.trainable import set_trainable
 from bita.stages.context import StageContext
+from bita.stages.init_from import load_init_weights
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +43,12 @@ def trainable_patterns(cfg: DictConfig) -> list[str]:
 
 
 def build_stage_model(ctx: StageContext) -> torch.nn.Module:
-    """Build the model for this stage, start it from `init_from` and set what trains."""
+    """Build the model for this stage, set what trains and start it from `init_from`."""
     model = build_model(model_config(ctx))
-    if ctx.cfg.init_from:
-        weights = Path(ctx.cfg.init_from) / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(
-                f"init_from={ctx.cfg.init_from}: no model.safetensors there "
-                "(expected a checkpoint folder such as runs/NAME/pretrain1/checkpoints/last)"
-            )
-        report = model.load_checkpoint_state_dict(load_file(str(weights)))
-        log.info(
-            "stage %s: started from %s (%d tensors loaded, %d left as built)",
-            ctx.name,
-            ctx.cfg.init_from,
-            len(report.loaded),
-            len(report.missing),
-        )
     names = set_trainable(model, trainable_patterns(ctx.cfg))
+    if ctx.cfg.init_from:
+        strict = bool(ctx.cfg.get("init_from_strict", True))
+        load_init_weights(model, ctx.cfg.init_from, names, strict=strict, stage=ctx.name)
     log.info("stage %s: %d trainable tensors", ctx.name, len(names))
     return model
 

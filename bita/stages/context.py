@@ -25,6 +25,7 @@ class StageContext:
     dist: Any
     tracker: Any
     skips: SkipLog = field(default_factory=SkipLog)  # every stream of the stage reports here
+    handed_over: dict[str, Any] | None = None  # the previous stage's `selection` of init_from
 
     @property
     def name(self) -> str:
@@ -41,3 +42,4 @@ class StageResult:
     scored_split: str | None = None  # the split `metrics` were measured on
     selection_score: float | None = None  # `stage.select_metric` of the selected checkpoint
     captioner: Path | None = None  # the checkpoint to hand to users (logged as an MLflow model)
+    selection: dict[str, Any] | None = None  # which of its checkpoints `checkpoint` is, and why

@@ -50,7 +50,7 @@ def run(ctx: StageContext) -> StageResult:
     if llm_cfg.pretrained:
         log.info("stage lm: llm.pretrained=%s is set, nothing to train", llm_cfg.pretrained)
         return StageResult()
-    export_dir = ctx.stage_dir / "hf"
+    export_dir = (ctx.stage_dir / "hf").resolve()  # later checkpoints' configs name it
     carried = {"llm.pretrained": str(export_dir), "llm.tokenizer": str(export_dir)}
     if (export_dir / "config.json").is_file():
         log.info("stage lm: %s already holds the trained LM", export_dir)

@@ -14,6 +14,7 @@ from functools import partial
 import torch
 
 from bita.data import stream
+from bita.errors import ConfigError
 from bita.eval.cider_reward import CiderReward
 from bita.models.self_critical import SelfCritical
 from bita.stages.common import (
@@ -37,7 +38,7 @@ def scst_objective(
 
 def run(ctx: StageContext) -> StageResult:
     if not batch_by_image(ctx):
-        raise ValueError(
+        raise ConfigError(
             f"stage {ctx.name}: stage.batch_by_image must be true (self-critical training "
             "rewards each image's samples against all its references)"
         )
@@ -63,6 +64,6 @@ def self_critical_settings(ctx: StageContext) -> SelfCritical:
     known = {f.name for f in dataclasses.fields(SelfCritical)} - {"reward", "beam_loop"}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"stage.self_critical: unknown keys {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"stage.self_critical: unknown keys {unknown}; known: {sorted(known)}")
     beam_loop = ctx.cfg.decode.get("beam_loop", "bita")  # decode decides, as for evaluation
     return SelfCritical(reward=CiderReward(corpus), beam_loop=beam_loop, **options)
