@@ -92,7 +92,7 @@ def run_stages(
     for stage_cfg in stage_sequence(cfg):
         eff = effective_config(cfg, stage_cfg, carried, init_from)
         stage_dir = run_dir / stage_cfg.name
-        ctx = StageContext(eff, stage_dir, dist, tracker, handed_over)
+        ctx = StageContext(eff, stage_dir, dist, tracker, handed_over=handed_over)
         log.info("stage %s: starting in %s", stage_cfg.name, ctx.stage_dir)
         result = recipe_for(stage_cfg)(ctx)
         report_skips(ctx)

@@ -34,6 +34,7 @@ class Record:
     optimizer_steps: int = 0
     losses: dict[int, float] = field(default_factory=dict)
     keys: list[list[str]] = field(default_factory=list)
+    run_id = None  # the tracker stand-in has no MLflow run (stages then log no dataset inputs)
 
     def log_metrics(self, metrics, *, step):  # the tracker the trainer logs to
         loss = next((v for k, v in metrics.items() if k.endswith("train/loss")), None)
