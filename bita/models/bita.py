@@ -26,6 +26,9 @@ from bita.models.self_critical import SelfCritical, self_critical_loss
 
 # BITA's own parts: always in its checkpoint (small, trained by this project)
 OWN_PARTS = ("query_tokens", "ln_vision", "ift", "vision_proj", "text_proj", "temp", "llm_proj")
+# Parts of `stage=tower`'s checkpoints that only that stage uses (its contrastive head): a BITA
+# started from such a checkpoint takes the adapted tower and leaves these out.
+TOWER_STAGE_PARTS = ("tower_head",)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class BITA(nn.Module):
         self._checkpointed = set(OWN_PARTS)
         if encoder_in_checkpoint:
             self._checkpointed.add("encoder")
+        self._checkpointed.update(f"encoder.{prefix}" for prefix in encoder.adapted_prefixes)
         if lm_assets.in_checkpoint:
             self._checkpointed.add("llm")
 
@@ -243,14 +247,14 @@ class BITA(nn.Module):
         keep = {
             name
             for name in self.state_dict()
-            if name in tensors
-            and (name.split(".")[0] in self._checkpointed or tensors[name].requires_grad)
+            if name in tensors and (_under(name, self._checkpointed) or tensors[name].requires_grad)
         }
         return {name: tensors[name].detach() for name in sorted(keep)}
 
     def load_checkpoint_state_dict(self, state: Mapping[str, torch.Tensor]) -> LoadReport:
         """Load what `checkpoint_state_dict` wrote. Keys the model lacks, shape mismatches and
         an empty match are errors (the authors' `strict=False` silently loaded nothing)."""
+        state = {k: v for k, v in state.items() if not _under(k, TOWER_STAGE_PARTS)}
         own = self.state_dict()
         unexpected = sorted(k for k in state if k not in own)
         if unexpected:
@@ -264,9 +268,10 @@ class BITA(nn.Module):
         )
         if wrong:
             raise ValueError(f"checkpoint shapes differ from the model: {wrong}")
+        kept = set(self.checkpoint_state_dict())
+        _check_adapted_tower(state, kept, self.encoder)
         self.load_state_dict(dict(state), strict=False)
-        missing = sorted(set(self.checkpoint_state_dict()) - set(state))
-        return LoadReport(loaded=sorted(state), missing=missing)
+        return LoadReport(loaded=sorted(state), missing=sorted(kept - set(state)))
 
     def export_assets(self, folder: str | Path) -> dict[str, str]:
         """Copy what rebuilding this model needs besides weights (the project-trained LM's
@@ -317,3 +322,34 @@ class BITA(nn.Module):
         tokens = cfg.num_queries + self.settings.max_lm_tokens
         proj = 2 * self.llm_proj.weight.numel() * cfg.num_queries
         return tower + 3 * (queries + proj) + lm_factor * lm_params * tokens * captions_per_image
+
+
+def _under(name: str, prefixes) -> bool:
+    """Whether `name` is one of `prefixes` or lies inside one of them."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _check_adapted_tower(
+    state: Mapping[str, Any], kept: set[str], encoder: FrozenImageEncoder
+) -> None:
+    """Error, never silence, when a checkpoint and this model disagree on the adapted tower: a
+    frozen public tower is rebuilt from its source, so a checkpoint's adapted blocks that the
+    model would not keep would be lost at its next save, and an adapted model whose blocks the
+    checkpoint lacks would run the ImageNet ones."""
+    adapt_blocks = encoder.adapt_blocks
+    lost = sorted(k for k in state if k.startswith("encoder.") and k not in kept)
+    if lost:
+        raise ValueError(
+            f"the checkpoint holds adapted image-tower weights ({lost[0]}, ... {len(lost)} "
+            f"tensors) that this model (encoder.adapt_blocks={adapt_blocks}) keeps frozen at "
+            "their public values: set encoder.adapt_blocks as in the checkpoint's config.yaml"
+        )
+    adapted = {k for k in kept if k.startswith("encoder.") and encoder.is_adapted(k[8:])}
+    absent = sorted(adapted - set(state))
+    if absent:
+        raise ValueError(
+            f"encoder.adapt_blocks={adapt_blocks}, but the checkpoint lacks the adapted tower "
+            f"weights ({absent[0]}, ... {len(absent)} tensors): it was saved before "
+            "stage=tower or with another cut. Start from a checkpoint of stage=tower or later, "
+            "or set encoder.adapt_blocks as in that checkpoint's config.yaml (0: frozen)"
+        )
