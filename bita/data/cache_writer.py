@@ -69,6 +69,21 @@ class CacheOptions:
     device: str = "cpu"
     progress: bool = True
 
+    @classmethod
+    def from_run_config(cls, cfg: Any, device: str) -> CacheOptions:
+        """The options a run config gives (`features`, `augment`, `hardware.num_workers`)."""
+        features = cfg["features"]
+        return cls(
+            views=int(features["views"]),
+            augment=bool(cfg["augment"]),
+            activations=str(features.get("activations") or "tokens"),
+            batch_size=int(features["batch_size"]),
+            num_workers=int(cfg["hardware"]["num_workers"]),
+            max_shard_images=int(features["max_shard_images"]),
+            max_shard_mb=float(features["max_shard_mb"]),
+            device=device,
+        )
+
 
 @dataclass(frozen=True)
 class _Unit:

@@ -268,8 +268,9 @@ class BITA(nn.Module):
         )
         if wrong:
             raise ValueError(f"checkpoint shapes differ from the model: {wrong}")
+        tower = {k.removeprefix("encoder.") for k in state if k.startswith("encoder.")}
+        self.encoder.check_checkpoint_names(tower, "encoder" in self._checkpointed)
         kept = set(self.checkpoint_state_dict())
-        _check_adapted_tower(state, kept, self.encoder)
         self.load_state_dict(dict(state), strict=False)
         return LoadReport(loaded=sorted(state), missing=sorted(kept - set(state)))
 
@@ -327,29 +328,3 @@ class BITA(nn.Module):
 def _under(name: str, prefixes) -> bool:
     """Whether `name` is one of `prefixes` or lies inside one of them."""
     return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
-def _check_adapted_tower(
-    state: Mapping[str, Any], kept: set[str], encoder: FrozenImageEncoder
-) -> None:
-    """Error, never silence, when a checkpoint and this model disagree on the adapted tower: a
-    frozen public tower is rebuilt from its source, so a checkpoint's adapted blocks that the
-    model would not keep would be lost at its next save, and an adapted model whose blocks the
-    checkpoint lacks would run the ImageNet ones."""
-    adapt_blocks = encoder.adapt_blocks
-    lost = sorted(k for k in state if k.startswith("encoder.") and k not in kept)
-    if lost:
-        raise ValueError(
-            f"the checkpoint holds adapted image-tower weights ({lost[0]}, ... {len(lost)} "
-            f"tensors) that this model (encoder.adapt_blocks={adapt_blocks}) keeps frozen at "
-            "their public values: set encoder.adapt_blocks as in the checkpoint's config.yaml"
-        )
-    adapted = {k for k in kept if k.startswith("encoder.") and encoder.is_adapted(k[8:])}
-    absent = sorted(adapted - set(state))
-    if absent:
-        raise ValueError(
-            f"encoder.adapt_blocks={adapt_blocks}, but the checkpoint lacks the adapted tower "
-            f"weights ({absent[0]}, ... {len(absent)} tensors): it was saved before "
-            "stage=tower or with another cut. Start from a checkpoint of stage=tower or later, "
-            "or set encoder.adapt_blocks as in that checkpoint's config.yaml (0: frozen)"
-        )

@@ -105,6 +105,30 @@ class FrozenImageEncoder(nn.Module):
         """Whether parameter or buffer `name` (relative to this module) lies above the cut."""
         return any(name == p or name.startswith(p + ".") for p in self.adapted_prefixes)
 
+    def check_checkpoint_names(self, names: set[str], in_checkpoint: bool) -> None:
+        """Error, never silence, when a checkpoint's tower tensors (`names`, relative to this
+        module) and this tower disagree on what was adapted. A checkpoint keeps every weight
+        of a tower that travels in it (`in_checkpoint`), else only the adapted units: an
+        adapted unit the checkpoint lacks would run its public (ImageNet) weights, and a tensor
+        this tower would not keep would be lost at its next save."""
+        own = set(self.state_dict())
+        kept = own if in_checkpoint else {n for n in own if self.is_adapted(n)}
+        lost = sorted(names - kept)
+        if lost:
+            raise ValueError(
+                f"the checkpoint holds image-tower weights (encoder.{lost[0]}, ... {len(lost)} "
+                f"tensors) that this tower (encoder.adapt_blocks={self.adapt_blocks}) keeps at "
+                "their public values: set encoder.adapt_blocks as in the checkpoint's config.yaml"
+            )
+        absent = sorted(n for n in kept - names if self.is_adapted(n))
+        if absent:
+            raise ValueError(
+                f"encoder.adapt_blocks={self.adapt_blocks}, but the checkpoint lacks the adapted "
+                f"tower weights (encoder.{absent[0]}, ... {len(absent)} tensors): it was saved "
+                "before stage=tower or with another cut. Start from a checkpoint of stage=tower "
+                "or later, or set encoder.adapt_blocks as in its config.yaml (0: frozen)"
+            )
+
     def bottom(self, images: torch.Tensor) -> torch.Tensor:
         """Activations at the cut [B, N, C] (the tokens when nothing is adapted), without
         autograd. A half-precision tower runs with autocast off: its weights already are in
