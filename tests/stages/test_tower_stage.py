@@ -69,11 +69,12 @@ def test_paper_tower_runs_two_steps_on_random_weights_in_a_tiny_form(tmp_path):
         "train.global_batch_size=8",
         "hardware.micro_batch_size=4",
         "tracking.enabled=false",
+        "hydra.run.dir=runs/paper_tower_tiny",
     )
-    last = next((tmp_path / "runs").rglob("tower/checkpoints/last"))
+    last = tmp_path / "runs/paper_tower_tiny/tower/checkpoints/last"
     assert json.loads((last / "trainer_state.json").read_text())["step"] == 2
     tower = {
-        k.split(".")[4]
+        k.split(".")[5]
         for k in load_file(str(last / "model.safetensors"))
         if k.startswith("encoder.")
     }
@@ -137,8 +138,9 @@ def test_bita_caption_writes_the_captions_evaluate_wrote_for_an_adapted_checkpoi
 ):
     saved = load_file(str(adapted_checkpoint / "model.safetensors"))
     assert "encoder.body.net.conv_head.weight" in saved
-    bita_run(
+    bita_run(  # decoding as the checkpoint's config says, which bita.caption follows
         tmp_path,
+        "experiment=tiny",
         "stage=evaluate",
         f"init_from={adapted_checkpoint}",
         "dataset=demo",
