@@ -262,7 +262,7 @@ class EfficientNetTokens(nn.Module):
 
     grid_start = 0
 
-    def __init__(self, net: nn.Module, token_strides: Sequence[int] = (32,)):
+    def __init__(self, net: nn.Module, token_strides: Sequence[int] = DEFAULT_TOKEN_STRIDES):
         super().__init__()
         self.net = fold_batchnorm(net.eval())
         flat = [

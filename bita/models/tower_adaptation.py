@@ -101,6 +101,18 @@ class TowerHead(nn.Module):
         self.image_proj = nn.Linear(image_width, settings.embed_dim)
         self.text_proj = nn.Linear(text_width, settings.embed_dim)
         self.temp = nn.Parameter(torch.tensor(settings.temp_init))
+        self.temp_range = settings.temp_range
+
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unit-length image and text embeddings and the clamped temperature (one call, so
+        that ZeRO-3 gathers all of the head's parameters, `temp` included)."""
+        return (
+            F.normalize(self.image_proj(image), dim=-1),
+            F.normalize(self.text_proj(text), dim=-1),
+            self.temp.clamp(*self.temp_range),
+        )
 
 
 class TowerAdaptation(nn.Module):
@@ -148,10 +160,7 @@ class TowerAdaptation(nn.Module):
         returns `loss` and `acc`."""
         features = batch.get("features")
         tokens = self.encoder(batch["image"]) if features is None else self.encoder.top(features)
-        head = self.tower_head
-        image = F.normalize(head.image_proj(tokens.mean(1)), dim=-1)
-        text = F.normalize(head.text_proj(self.text_encoder(batch["caption"])), dim=-1)
-        temp = head.temp.clamp(*self.settings.temp_range)
+        image, text, temp = self.tower_head(tokens.mean(1), self.text_encoder(batch["caption"]))
         return contrastive_loss(image[:, None], text, temp, self.settings.label_smoothing)
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
