@@ -1,6 +1,7 @@
 """`stage=tower` as a user runs it: the paper-scale config in a tiny form, an adapted checkpoint
-captioned by `bita.caption` exactly as `stage=evaluate` captions it, and the whole chain with
-a cut-point cache handed over to the later stages."""
+loaded by `Captioner` and `load_model` and captioned by `bita.caption` exactly as
+`stage=evaluate` captions it (slow), and the whole chain with a cut-point cache handed over to
+the later stages (slow)."""
 
 import json
 import os
@@ -16,7 +17,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from bita import caption
-from bita.engine.checkpoint import TrainState, save_checkpoint
+from bita.engine.checkpoint import TrainState, load_model, save_checkpoint
 from bita.engine.distributed import DistInfo
 from bita.locations import resolve_location
 from bita.models.build import build_model
@@ -134,11 +135,10 @@ def adapted_checkpoint(tmp_path_factory) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_bita_caption_writes_the_captions_evaluate_wrote_for_an_adapted_checkpoint(
     tmp_path, adapted_checkpoint
 ):
-    saved = load_file(str(adapted_checkpoint / "model.safetensors"))
-    assert "encoder.body.net.conv_head.weight" in saved
     bita_run(  # decoding as the checkpoint's config says, which bita.caption follows
         tmp_path,
         "experiment=tiny",
@@ -173,10 +173,20 @@ def test_bita_caption_writes_the_captions_evaluate_wrote_for_an_adapted_checkpoi
     }
     assert len(evaluated) == len(images) == len(written) == 31
     assert written == {e["filename"]: e["caption"] for e in evaluated}
-    model = caption.Captioner.from_checkpoint(adapted_checkpoint, device="cpu").model
-    torch.testing.assert_close(
-        model.encoder.body.net.conv_head.weight, saved["encoder.body.net.conv_head.weight"]
-    )
+
+
+def test_captioner_and_load_model_run_the_adapted_units_of_a_checkpoint(adapted_checkpoint):
+    """What `bita.caption`, `Captioner` and `stage=evaluate` load: the adapted head, not
+    ImageNet's (which the fixture negated)."""
+    saved = load_file(str(adapted_checkpoint / "model.safetensors"))[
+        "encoder.body.net.conv_head.weight"
+    ]
+    for model in (
+        caption.Captioner.from_checkpoint(adapted_checkpoint, device="cpu").model,
+        load_model(adapted_checkpoint)[0],
+    ):
+        assert model.encoder.adapt_blocks == 1
+        torch.testing.assert_close(model.encoder.body.net.conv_head.weight, saved)
 
 
 @pytest.mark.slow
