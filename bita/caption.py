@@ -30,18 +30,32 @@ from PIL import Image
 from bita.data.images import load_image
 from bita.data.transforms import eval_transform
 from bita.engine.checkpoint import load_model
+from bita.errors import UserError, reports_user_errors
 from bita.eval.decoding import DecodeSettings, caption_images
 
 ImageInput = str | Path | Image.Image
 
 
 class Captioner:
-    """A loaded model plus its eval transform and decoding settings."""
+    """A loaded model plus its eval transform and decoding settings.
 
-    def __init__(self, model: torch.nn.Module, transform, settings: DecodeSettings) -> None:
+    Images are decoded one at a time and resized as they are read, so a batch holds model
+    inputs, never full-resolution pictures; ``reduce_to`` (the model's input size) lets JPEGs
+    decode at a fraction of their size (bita.data.images).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        transform,
+        settings: DecodeSettings,
+        *,
+        reduce_to: int | None = None,
+    ) -> None:
         self.model = model.eval()
         self.transform = transform
         self.settings = settings
+        self.reduce_to = reduce_to
 
     @classmethod
     def from_checkpoint(
@@ -53,28 +67,37 @@ class Captioner:
         (``num_beams=3``, ``batch_size=8``, ...).
         """
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {device!r}: no CUDA device is visible (use cpu)")
         model, cfg = load_model(checkpoint_dir, device=device)
         settings = DecodeSettings.from_config(cfg.get("decode"), **decode_overrides)
         preprocess = model.preprocess
-        return cls(
-            model, eval_transform(preprocess.size, preprocess.mean, preprocess.std), settings
-        )
+        transform = eval_transform(preprocess.size, preprocess.mean, preprocess.std)
+        return cls(model, transform, settings, reduce_to=preprocess.size)
 
     def caption(self, images: Sequence[ImageInput]) -> list[str]:
         """One caption per image (paths or PIL images), in order, batched by `batch_size`."""
         captions: list[str] = []
         for start in range(0, len(images), self.settings.batch_size):
             chunk = images[start : start + self.settings.batch_size]
-            pixels = torch.stack([self.transform(_as_rgb(image)) for image in chunk])
-            captions.extend(caption_images(self.model, pixels, self.settings))
+            captions.extend(self.caption_pixels([self.pixels(image) for image in chunk]))
         return captions
 
+    def pixels(self, image: ImageInput) -> torch.Tensor:
+        """The model input of one image: decoded (smaller where the format allows), resized
+        and normalised; the decoded picture is freed before the next one is read."""
+        return self.transform(_as_rgb(image, self.reduce_to))
 
-def _as_rgb(image: ImageInput) -> Image.Image:
+    def caption_pixels(self, pixels: Sequence[torch.Tensor]) -> list[str]:
+        """Captions of model inputs made by `pixels`, as one batch."""
+        return caption_images(self.model, torch.stack(list(pixels)), self.settings)
+
+
+def _as_rgb(image: ImageInput, reduce_to: int | None = None) -> Image.Image:
     """RGB via `load_image`, also for in-memory images, so 16-bit or multi-band PIL images get
     the same rescaling as files instead of PIL's clipping `convert("RGB")`."""
     if not isinstance(image, Image.Image):
-        return load_image(image)
+        return load_image(image, reduce_to=reduce_to)
     if image.mode == "RGB":
         return image
     buffer = io.BytesIO()
@@ -101,12 +124,12 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
     return expanded
 
 
-def _load(path: Path) -> Image.Image:
+def _pixels(captioner: Captioner, path: Path) -> torch.Tensor:
     if path.is_dir():
         raise ValueError(f"{path}: folder holds no files")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    return load_image(path)
+    return captioner.pixels(path)
 
 
 def caption_files(
@@ -120,15 +143,15 @@ def caption_files(
     for start in range(0, len(paths), captioner.settings.batch_size):
         chunk = paths[start : start + captioner.settings.batch_size]
         lines: list[dict[str, str]] = []
-        loaded: list[tuple[dict[str, str], Image.Image]] = []
+        loaded: list[tuple[dict[str, str], torch.Tensor]] = []
         for path in chunk:
             line = {"image": str(path)}
             try:
-                loaded.append((line, _load(path)))
+                loaded.append((line, _pixels(captioner, path)))
             except Exception as err:  # whatever makes one file unreadable: report it, go on
                 line["error"] = str(err) or type(err).__name__
             lines.append(line)
-        captions = captioner.caption([image for _, image in loaded]) if loaded else []
+        captions = captioner.caption_pixels([pixels for _, pixels in loaded]) if loaded else []
         for (line, _), caption in zip(loaded, captions, strict=True):
             line["caption"] = caption
         for line in lines:
@@ -160,16 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
+    if args.out is not None and args.out.is_dir():
+        raise UserError(
+            f"--out {args.out}: is a folder; give the file to write, e.g. {args.out}/captions.jsonl"
+        )
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodeSettings)}
     try:
         captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device, **overrides)
-    except (OSError, ValueError, KeyError) as err:
-        parser.error(str(err))
+    except (
+        OSError
+    ) as err:  # unreadable files, weights that cannot be fetched: the message says which
+        raise UserError(str(err)) from err
     paths = expand_inputs(args.inputs)
     if args.out is None:
         lines = list(caption_files(captioner, paths, sys.stdout))

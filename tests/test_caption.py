@@ -1,7 +1,9 @@
 """`python -m bita.caption` and `bita.Captioner` on a real (tiny, random) checkpoint."""
 
+import io
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
-from bita.caption import Captioner, _as_rgb, build_parser, expand_inputs, main
+from bita import caption
+from bita.caption import Captioner, _as_rgb, build_parser, caption_files, expand_inputs, main
 from bita.data.images import load_image
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -87,9 +91,42 @@ def test_bad_checkpoint_or_setting_is_a_usage_error(checkpoint, tmp_path, capsys
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, "x.jpg"])
         assert exit_info.value.code == 2
-    errors = capsys.readouterr().err
-    assert f"{tmp_path}/config.yaml: not a bita checkpoint folder" in errors
-    assert "decode.top_p=2.0 is invalid" in errors
+    errors = capsys.readouterr().err.splitlines()
+    assert errors[0].startswith(f"error: {tmp_path}: not a bita checkpoint folder")
+    assert errors[1].startswith("error: decode.top_p=2.0 is invalid")
+    assert len(errors) == 2
+
+
+def _one_line_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_out_as_a_folder_is_one_line(checkpoint, tmp_path, capsys):
+    """Fault: `--out` naming a folder, once an IsADirectoryError traceback."""
+    argv = ["--checkpoint", str(checkpoint), "x.jpg", "--out", str(tmp_path)]
+    assert f"--out {tmp_path}: is a folder" in _one_line_error(argv, capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line(checkpoint, capsys):
+    """Fault: `--device cuda` where no GPU is visible, once a torch traceback."""
+    argv = ["--checkpoint", str(checkpoint), "x.jpg", "--device", "cuda"]
+    assert "no CUDA device is visible" in _one_line_error(argv, capsys)
+
+
+def test_a_truncated_checkpoint_is_one_line_naming_the_file(checkpoint, tmp_path, capsys):
+    """Fault: a checkpoint whose model.safetensors was cut short (a bad copy), once a
+    safetensors traceback that named no file."""
+    damaged = shutil.copytree(checkpoint, tmp_path / "best")
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    line = _one_line_error(["--checkpoint", str(damaged), "x.jpg"], capsys)
+    assert f"{weights} cannot be read" in line
 
 
 def test_python_api_takes_paths_and_pil_images(checkpoint, image_folder):
@@ -140,3 +177,33 @@ def test_import_bita_stays_light_and_exports_captioner():
     assert bita.Captioner is Captioner
     with pytest.raises(AttributeError, match="no attribute 'Captionr'"):
         _ = bita.Captionr
+
+
+def test_images_are_resized_one_by_one_as_read_and_jpegs_decode_in_draft(
+    checkpoint, tmp_path, monkeypatch
+):
+    """Fault: a batch of three 2,000 x 2,000 JPEGs. Main decoded all three at full size before
+    resizing any (16 images of 6,000 x 6,000 took 3.5 GB)."""
+    for index in range(3):
+        Image.new("RGB", (2000, 2000), (40 * index, 90, 60)).save(tmp_path / f"{index}.jpg")
+    captioner = Captioner.from_checkpoint(checkpoint, device="cpu", batch_size=3, num_beams=1)
+    events = []
+    read, resize = caption.load_image, captioner.transform
+    monkeypatch.setattr(
+        caption, "load_image", lambda *a, **k: events.append("read") or read(*a, **k)
+    )
+    captioner.transform = lambda picture: events.append(picture.size) or resize(picture)
+    lines = list(caption_files(captioner, sorted(tmp_path.glob("*.jpg")), io.StringIO()))
+    assert all("caption" in line for line in lines)
+    assert events[0::2] == ["read"] * 3
+    size = captioner.model.preprocess.size
+    assert all(2 * size <= side <= 1000 for sizes in events[1::2] for side in sizes)
+
+
+def test_an_image_past_pillows_pixel_limit_is_captioned(checkpoint, tmp_path, capsys):
+    """Fault: a 13,400 x 13,400 JPEG (180 million pixels). Main refused it as a decompression
+    bomb (Pillow's default limit: 89 million pixels, refused above twice that)."""
+    Image.new("L", (13400, 13400), 90).save(tmp_path / "scene.jpg", quality=10)
+    argv = ["--checkpoint", str(checkpoint), str(tmp_path / "scene.jpg"), "--num-beams", "1"]
+    assert main(argv) == 0
+    assert "caption" in json.loads(capsys.readouterr().out)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from bita.engine.deepspeed_config import deepspeed_config
 from bita.models.build import count_parameters
-from bita.stages.pipeline import effective_config, recipe_for, stage_sequence
+from bita.stages.pipeline import check_config, effective_config, recipe_for, stage_sequence
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("encoder", "qformer", "llm", "dataset", "stage", "hardware", "experiment")
@@ -25,7 +25,9 @@ def composed(*overrides: str):
 
 
 def check_buildable(cfg) -> None:
-    """Build the model on the meta device (paper scale costs nothing) and each stage's engine."""
+    """Pass the option checks, build the model on the meta device (paper scale costs nothing)
+    and each stage's engine."""
+    check_config(cfg)
     parts = OmegaConf.to_container(cfg, resolve=True)
     parts["llm"]["config"].setdefault("vocab_size", 1024)
     counts = count_parameters(parts)
@@ -83,3 +85,56 @@ def test_offline_rsicd_runs_scst_after_fine_tuning_with_its_trainables():
     assert stage.recipes.scst.recipe == "self_critical"
     assert list(stage.recipes.scst.trainable) == list(stage.recipes.finetune.trainable)
     assert "llm.*" in stage.recipes.scst.trainable
+
+
+BAD_VALUES = [
+    ("train.max_steps=0", "train.max_steps=0: expected an integer >= 1"),
+    ("train.max_steps=-5", "train.max_steps=-5: expected an integer >= 1"),
+    ("train.max_steps=2.7", "train.max_steps=2.7: expected an integer >= 1"),
+    ("train.max_steps=abc", "train.max_steps='abc': expected an integer >= 1"),
+    ("optim.lr=abc", "optim.lr='abc': expected a number > 0"),
+    ("optim.lr=0", "optim.lr=0: expected a number > 0"),
+    ("train.epochs=0", "train.epochs=0: expected an integer >= 1"),
+    ("train.global_batch_size=-32", "train.global_batch_size=-32: expected an integer >= 1"),
+    ("hardware.micro_batch_size=0", "hardware.micro_batch_size=0: expected an integer >= 1"),
+    ("hardware.zero_stage=4", "hardware.zero_stage=4: expected an integer >= 0 and <= 3"),
+    ("decode.num_beams=0", "decode.num_beams=0 is invalid"),
+    ("decode.num_beams=abc", "decode.num_beams='abc': expected a int"),
+    ("eval.gallery_size=-1", "eval.gallery_size=-1: expected an integer >= 0"),
+    (
+        "+stage.recipes.finetune.train.max_steps=0",
+        "stage.recipes.finetune.train.max_steps=0: expected an integer >= 1",
+    ),
+    (
+        "stage.recipes.finetune.optim.lr=-1",
+        "stage.recipes.finetune.optim.lr=-1: expected a number > 0",
+    ),
+    (
+        "stage=scst stage.self_critical.samples_per_image=1",
+        "stage.self_critical.samples_per_image=1: expected an integer >= 2",
+    ),
+    (
+        "optim.lr=null stage.recipes.pretrain1.optim.lr=null",
+        "optim.lr is not set for stage pretrain1",
+    ),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_VALUES)
+def test_a_value_of_the_wrong_type_or_range_is_refused_when_composed(override, message):
+    """Fault: option values a run cannot use (train.max_steps=0 once trained a whole epoch,
+    -5 saved untrained weights, 2.7 became 2; optim.lr=abc failed after the model was built
+    with a traceback naming no key), here and in a pipeline stage's own values."""
+    from bita.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        check_config(composed("experiment=tiny", *override.split()))
+    assert message in str(refused.value)
+
+
+def test_every_problem_is_reported_at_once():
+    from bita.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        check_config(composed("train.max_steps=abc", "optim.lr=abc", "hardware.num_workers=-1"))
+    assert str(refused.value).count("expected") == 3

@@ -1,14 +1,17 @@
 """MLflow tracking: SQLite store, params once, resume reuses the run, sweeps nest, and an
 unreachable store never stops a run."""
 
+import os
+import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
 from omegaconf import OmegaConf
 
-from bita.tracking import Tracker, flatten
+from bita.tracking import RUN_DIR_TAG, Tracker, flatten
 
 CONFIG = {"optim": {"lr": 1e-4, "betas": [0.9, 0.999]}, "train": {"max_steps": None}, "name": "x"}
 
@@ -67,7 +70,12 @@ def test_sweep_is_one_parent_with_children(store, tmp_path):
     children = []
     for job in ("optim.lr=1", "optim.lr=2"):
         tracker = Tracker.start(
-            cfg, run_dir=sweep / job, overrides=[job, "experiment=tiny"], sweep_dir=sweep
+            cfg,
+            run_dir=sweep / job,
+            run_name=f"x/sweep/{job}",
+            overrides=[job, "experiment=tiny"],
+            sweep_dir=sweep,
+            sweep_name="x/sweep",
         )
         children.append(tracker)
         tracker.finish()
@@ -79,6 +87,8 @@ def test_sweep_is_one_parent_with_children(store, tmp_path):
         run = client.get_run(tracker.run_id)
         assert run.data.tags["mlflow.parentRunId"] == parent
         assert run.data.tags["override.optim.lr"] == lr
+        assert run.info.run_name == f"x/sweep/optim.lr={lr}"
+        assert run.data.tags[RUN_DIR_TAG] == str((sweep / f"optim.lr={lr}").resolve())
         assert run.data.params["optim.lr"] == "0.0001"
         assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["config.yaml"]
         assert tracker.run_id in tracker.where_to_look()
@@ -112,3 +122,92 @@ def test_only_rank_zero_tracks(tmp_path):
 def test_import_stays_light():
     code = "import sys, bita.tracking; assert 'mlflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pattern_keys_are_one_param_and_tracking_goes_on(store, tmp_path):
+    """Fault on main: the README's `optim.lr_scales={llm.*:0.25}` flattened to the key
+    `optim.lr_scales.llm.*`, which MLflow refuses; the refusal was reported as an unreachable
+    store and the run stayed RUNNING with no params or metrics."""
+    config = {**CONFIG, "optim": {"lr": 1e-4, "lr_scales": {"llm.*": 0.25}}}
+    tracker = Tracker(uri=store, experiment="patterns")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all
+        run_id = tracker.start_run(tmp_path / "run", run_name="p", config=config)
+        tracker.log_metrics({"train/loss": 1.0}, step=1)
+        tracker.finish()
+    run = _client(store).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["train/loss"] == 1.0
+    assert run.data.params["optim.lr_scales"] == '{"llm.*": 0.25}'
+
+
+def test_a_refused_write_is_not_an_unreachable_store(store, tmp_path):
+    """Fault on main: any write MLflow refused switched tracking off as "unreachable"."""
+    tracker = Tracker(uri=store, experiment="refused")
+    run_id = tracker.start_run(tmp_path / "run", run_name="r", config=CONFIG)
+    with pytest.warns(RuntimeWarning, match="MLflow refused a write") as caught:
+        tracker.log_metrics({"bad*name": 1.0}, step=1)
+    assert not any("unreachable" in str(w.message) for w in caught)
+    tracker.log_metrics({"good": 2.0}, step=1)
+    tracker.finish()
+    run = _client(store).get_run(run_id)
+    assert run.data.metrics == {"good": 2.0} and run.info.status == "FINISHED"
+
+
+def test_experiment_kind_run_folder_datasets_and_system_metrics(store, tmp_path):
+    cfg = OmegaConf.create(
+        {**CONFIG, "tracking": {"uri": store, "experiment": "ui", "system_metrics_every": 0.2}}
+    )
+    run_dir = tmp_path / "runs/x/stage-lm"
+    tracker = Tracker.start(cfg, run_dir=run_dir, run_name="x/stage-lm", overrides=["+a.b=1"])
+    profile = {"images": 62, "captions": 310}
+    for _ in range(2):  # once per run, however often a stage opens the split
+        tracker.log_dataset(
+            name="rsicd-train",
+            split="train",
+            digest="d1",
+            location="/d/manifest.json",
+            profile=profile,
+        )
+    time.sleep(1.0)
+    tracker.finish()
+    client = _client(store)
+    experiment = client.get_experiment_by_name("ui")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    run = client.get_run(tracker.run_id)
+    assert run.info.run_name == "x/stage-lm" and run.data.tags[RUN_DIR_TAG] == str(
+        run_dir.resolve()
+    )
+    assert run.data.tags["override.a.b"] == "1"  # Hydra's `+` is not a key character
+    assert "mlflow.source.name" in run.data.tags and "mlflow.user" in run.data.tags
+    (entry,) = run.inputs.dataset_inputs
+    assert (entry.dataset.name, entry.dataset.digest) == ("rsicd-train", "d1")
+    assert entry.dataset.source == '{"uri": "/d/manifest.json"}'
+    assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "train")]
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    assert "system/system_memory_usage_megabytes" in run.data.metrics
+
+
+def test_read_only_folder_falls_back_at_once(tmp_path):
+    """Fault on main: a SQLite store in a folder the process cannot write was retried by
+    MLflow nine times (about 100 s) before the warning."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    code = (
+        "import warnings, bita.tracking as t\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert t.Tracker().start_run('run', run_name='r', config={'a': 1}) is None\n"
+        "print(sum('unreachable' in str(x.message) for x in w))\n"
+    )
+    # root writes anywhere: drop the capability that lets it, so the folder is read-only
+    drop = ["setpriv", "--bounding-set=-dac_override"] if os.geteuid() == 0 else []
+    if drop and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv (util-linux): no folder is read-only")
+    started = time.monotonic()
+    result = subprocess.run(
+        [*drop, sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1" and time.monotonic() - started < 30
+    assert not (folder / "mlflow.db").exists()

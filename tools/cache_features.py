@@ -13,7 +13,8 @@ cuda (or auto with a GPU visible), decoding uses hardware.num_workers workers.
 
 A tower with random or project-trained weights (encoder.in_checkpoint=true, or adapted by
 stage=tower) matches a run only with the same weights: pass init_from=CHECKPOINT_DIR to take the
-tower from that checkpoint.
+tower (its config and weights) from that checkpoint. Bad settings and missing inputs end in one
+line naming them.
 
 For stage=tower, cache the activations at the cut instead (features.activations=cut, with the
 run's encoder.adapt_blocks): the tower stage then runs only the units above the cut per step,
@@ -30,21 +31,27 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from safetensors.torch import load_file
 
 from bita.data.cache_writer import CacheOptions, cache_features
+from bita.engine.checkpoint import read_weights
 from bita.engine.distributed import apply_thread_count
+from bita.errors import reports_user_errors
 from bita.locations import resolve_location
 from bita.models.encoders import FrozenImageEncoder, build_image_encoder
 from bita.models.tower_adaptation import load_tower_weights
+from bita.stages.init_from import model_from_checkpoint
+from bita.stages.pipeline import check_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    """The root config as `python -m bita.run OVERRIDES` composes it."""
+    """The root config as `python -m bita.run OVERRIDES` composes and checks it (with
+    `init_from`, the encoder is that checkpoint's)."""
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides)
+        cfg = model_from_checkpoint(compose("config", overrides=overrides), overrides)
+    check_config(cfg)
+    return cfg
 
 
 def pick_device(accelerator: str) -> str:
@@ -62,14 +69,12 @@ def build_tower(cfg: DictConfig) -> FrozenImageEncoder:
     torch.manual_seed(int(cfg.seed))
     tower = build_image_encoder(cfg.encoder)
     if cfg.get("init_from"):
-        path = Path(cfg.init_from) / "model.safetensors"
-        if not path.is_file():
-            raise SystemExit(f"init_from={cfg.init_from}: no model.safetensors there")
         in_checkpoint = bool(cfg.encoder.get("in_checkpoint", False))
-        load_tower_weights(tower, load_file(str(path)), in_checkpoint)
+        load_tower_weights(tower, read_weights(cfg.init_from), in_checkpoint)
     return tower
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):

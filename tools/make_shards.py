@@ -4,6 +4,9 @@
         --images RSICD/images --out data/shards [--shard-size 1000]
 
 writes data/shards/rsicd/<split>/rsicd-<split>-NNNNN.tar and data/shards/rsicd/manifest.json.
+It stops, leaving any previous shards as they were, when fewer than --min-found (0.5) of a
+split's annotated images are found and readable, or when a split that holds images would be
+replaced by an empty one.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import sys
 from pathlib import Path
 
 from bita.data.annotations import SPLITS, first_per_class, read_annotations
-from bita.data.shards import make_shards
+from bita.data.shards import ShardingError, make_shards
+from bita.errors import reports_user_errors
 
 DATASETS = ("ucm", "rsicd", "nwpu")
 
@@ -44,8 +48,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="write the train split in annotation order (its shards then hold few classes each)",
     )
+    parser.add_argument(
+        "--min-found",
+        type=fraction,
+        default=0.5,
+        metavar="FRACTION",
+        help="stop, writing nothing, when fewer than this fraction of a split's annotated images "
+        "can be sharded (default 0.5: a wrong --images finds none); 0 shards whatever is there",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected a fraction from 0 to 1")
+    return value
 
 
 def per_class_counts(specs: list[str]) -> dict[str, int]:
@@ -59,6 +79,7 @@ def per_class_counts(specs: list[str]) -> dict[str, int]:
     return counts
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.images.is_dir():
@@ -66,16 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     records = read_annotations(args.annotations, args.dataset)
     if args.per_class:
         records = first_per_class(records, per_class_counts(args.per_class))
-    manifest = make_shards(
-        records,
-        images_dir=args.images,
-        out_dir=args.out,
-        dataset=args.dataset,
-        shard_size=args.shard_size,
-        source_name=args.annotations.name,
-        progress=not args.quiet,
-        train_order_seed=None if args.keep_order else args.train_order_seed,
-    )
+    try:
+        manifest = make_shards(
+            records,
+            images_dir=args.images,
+            out_dir=args.out,
+            dataset=args.dataset,
+            shard_size=args.shard_size,
+            source_name=args.annotations.name,
+            progress=not args.quiet,
+            train_order_seed=None if args.keep_order else args.train_order_seed,
+            min_found=args.min_found,
+        )
+    except ShardingError as err:
+        raise SystemExit(f"make_shards: {err}") from None
     for split, info in manifest["splits"].items():
         print(
             f"{args.dataset}/{split}: {info['images']} images, {info['captions']} captions, "

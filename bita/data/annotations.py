@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bita.errors import UserError
+
 SPLITS = ("train", "val", "test")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError, ValueError):
     """An annotation file that does not follow a known layout; the message names the spot."""
 
 

@@ -32,6 +32,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from bita.data import storage
 from bita.data.captions import usable_captions
 from bita.data.features import (
     FORMAT,
@@ -45,9 +46,10 @@ from bita.data.features import (
     view_member,
     view_seed,
 )
-from bita.data.images import load_image
+from bita.data.images import ImageError, load_image
 from bita.data.shards import MANIFEST, TAR_META, read_manifest, replace_folder
-from bita.data.stream import IMAGE_EXTENSIONS, SkipLog, with_cpu_seed
+from bita.data.skips import SkipLog
+from bita.data.stream import IMAGE_EXTENSIONS, with_cpu_seed
 from bita.locations import resolve_location
 from bita.models.encoders import FrozenImageEncoder
 
@@ -104,7 +106,7 @@ class _Input:
     """What one source's cache is made from: its image shards through the tower, or a cut
     cache's shards through the units above the cut."""
 
-    root: Path  # the manifest's shard files are <root>/<source>/<file>
+    root: str  # the manifest's shard files are <root>/<source>/<file> (a folder, URL or pipe:)
     manifest: dict
     made_from: dict  # provenance, stored in the new manifest and compared by reruns
     roles: dict[str, str]  # split → "train" | "eval"
@@ -123,14 +125,15 @@ def cache_features(
     settings = fingerprint_settings(
         encoder_cfg, tower, options.views, options.augment, options.activations
     )
-    image_root = Path(resolve_location(str(dataset_cfg["root"])))
+    image_root = resolve_location(str(dataset_cfg["root"]))  # a folder, URL or pipe: command
     transforms = cache_transforms(tower.preprocess, options.augment)
     encode = tower.bottom if options.activations == "cut" else tower
     tower.to(options.device)
 
     def source_input(source: str) -> _Input:
         manifest = read_manifest(image_root, source)
-        source_sha = hashlib.sha256((image_root / source / MANIFEST).read_bytes()).hexdigest()
+        manifest_bytes = storage.read_bytes(storage.join(image_root, source, MANIFEST))
+        source_sha = hashlib.sha256(manifest_bytes).hexdigest()
         return _Input(
             root=image_root,
             manifest=manifest,
@@ -165,10 +168,10 @@ def derive_features(
 
     def source_input(source: str) -> _Input:
         manifest = read_cache_manifest(cut_root, source)
-        check_fingerprint(manifest, cut_settings, Path(cut_root) / source / MANIFEST)
+        check_fingerprint(manifest, cut_settings, storage.join(cut_root, source, MANIFEST))
         made_from = {key: manifest[key] for key in ("source_manifest_sha256", "train_split")}
         return _Input(
-            root=Path(cut_root),
+            root=str(cut_root),
             manifest=manifest,
             made_from=made_from | {"derived_from": manifest["fingerprint"]},
             roles={split: entry["role"] for split, entry in manifest["splits"].items()},
@@ -198,7 +201,7 @@ def _cache_source(
     staging = out_root / f".{source}.partial-{_hash(key, *made_from.values())}"
     splits = made_of.manifest["splits"]
     units = [
-        _Unit(split, made_of.roles[split], str(made_of.root / source / s["file"]), s["file"])
+        _Unit(split, made_of.roles[split], storage.join(made_of.root, source, s["file"]), s["file"])
         for split, entry in splits.items()
         for s in entry["shards"]
     ]
@@ -320,9 +323,7 @@ class _ViewImages(IterableDataset):
 
     def _unit_batches(self, index: int) -> Iterator[dict]:
         unit = self.units[index]
-        samples = wds.DataPipeline(
-            wds.SimpleShardList([unit.path]), wds.tarfile_to_samples(handler=self.skips)
-        )
+        samples = storage.tar_samples([{"url": unit.path}], report=self.skips)
         views = self.views if unit.role == "train" else 1
         per_batch = max(1, self.batch_size // views)  # tower inputs are images x views
         batch = self._empty(index)
@@ -342,11 +343,12 @@ class _ViewImages(IterableDataset):
         extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         try:
             if "json" not in sample:
-                raise ValueError(f"sample {key} in {sample.get('__url__')}: no json")
+                raise ValueError("no json member")
             inputs = self._inputs(key, sample, extension, role)
         except ValueError as err:
-            self.skips(err)
-            batch["skipped"].append({"key": key, "reason": str(err)})
+            reason = err.reason if isinstance(err, ImageError) else str(err)
+            self.skips.sample(sample["__url__"], key, reason)
+            batch["skipped"].append({"key": key, "reason": reason})
             return
         batch["keys"].append(key)
         batch["json"].append(sample["json"])
@@ -357,7 +359,7 @@ class _ViewImages(IterableDataset):
     def _inputs(self, key: str, sample: dict, extension: str | None, role: str) -> list:
         """The tower inputs of one sample: its views, transformed."""
         if extension is None:
-            raise ValueError(f"sample {key} in {sample.get('__url__')}: needs an image and json")
+            raise ValueError(f"no {' or '.join(IMAGE_EXTENSIONS)} member")
         picture = load_image(sample[extension], name=key)
         if role == "eval":
             return [self.transforms["eval"](picture)]
@@ -380,7 +382,7 @@ class _CachedViews(_ViewImages):
         members = [view_member(v) for v in range(self.views if role == "train" else 1)]
         missing = [m for m in members if m not in sample]
         if missing:
-            raise ValueError(f"sample {key} in {sample.get('__url__')}: no {missing[0]}")
+            raise ValueError(f"no {missing[0]} member")
         return [decode_features(key, sample[m], None) for m in members]
 
 

@@ -46,7 +46,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from bita.data import transforms
+from bita.data import storage, transforms
 from bita.data.shards import MANIFEST, read_json_manifest
 from bita.data.stream import ShardSet, Transform
 from bita.locations import resolve_location
@@ -149,9 +149,10 @@ def fingerprint(settings: Mapping[str, Any]) -> str:
 
 
 def read_cache_manifest(root: str | Path, source: str) -> dict:
-    """The manifest of ``<root>/<source>``, with a clear error when the cache is not there."""
+    """The manifest of ``<root>/<source>`` (a folder, URL or ``pipe:`` command: see
+    bita.data.storage), with a clear error when the cache is not there."""
     return read_json_manifest(
-        Path(root) / source / MANIFEST,
+        storage.join(root, source, MANIFEST),
         FORMAT,
         how_to_build=f"build the feature cache with `python tools/cache_features.py "
         f"features.root={root} ...` (the same encoder/dataset overrides as the run), "
@@ -164,11 +165,10 @@ def decode_features(key: str, data: bytes, seed: int | None) -> torch.Tensor:
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"sample {key}: unreadable cached features ({err})") from err
+        raise ValueError(f"unreadable cached features ({err})") from err
     if array.dtype != np.float16 or array.ndim != 2:
         raise ValueError(
-            f"sample {key}: cached features {array.dtype}{list(array.shape)}, "
-            "expected float16 [tokens, width]"
+            f"cached features {array.dtype}{list(array.shape)}, expected float16 [tokens, width]"
         )
     return torch.from_numpy(array)
 
@@ -246,7 +246,7 @@ def open_cache(
     roles = {}
     for source in sorted(sources):
         manifest = read_cache_manifest(root, source)
-        check_fingerprint(manifest, expected, Path(root) / source / MANIFEST)
+        check_fingerprint(manifest, expected, storage.join(root, source, MANIFEST))
         roles |= {(source, split): entry["role"] for split, entry in manifest["splits"].items()}
     return FeatureCache(root, fingerprint(expected), int(expected["views"]), roles)
 

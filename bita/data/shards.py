@@ -14,6 +14,12 @@ epoch. Other splits keep annotation order.
 Runs are deterministic (fixed tar metadata, seeded order, no timestamps) and atomic: all
 files go to a hidden temporary folder that replaces ``<root>/<dataset>`` only when complete, so
 a killed run leaves the previous shards (and a stale ``.<dataset>.tmp-*`` folder) behind.
+
+Runs never lose good shards. A split of which fewer than ``min_found`` of the annotated images
+could be sharded stops the run, naming the images folder (a wrong ``--images`` finds none, a
+folder of another dataset or a partial download a fraction); and a run that would replace a
+split holding images with an empty or absent one stops too. Either way the previous shards
+stay as they were.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
+from bita.data import storage
 from bita.data.annotations import SPLITS, CaptionRecord
 from bita.data.captions import usable_captions
 from bita.data.images import ImageError, encode_for_shard
+from bita.errors import MissingFileError, UserError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "bita-shards/1"
@@ -55,13 +63,19 @@ def make_shards(
     source_name: str = "",
     progress: bool = True,
     train_order_seed: int | None = 0,
+    min_found: float = 0.5,
 ) -> dict:
     """Write shards and manifest of ``records`` under ``out_dir/dataset``; return the manifest.
 
-    ``train_order_seed`` shuffles the train split's order (None: annotation order)."""
+    ``train_order_seed`` shuffles the train split's order (None: annotation order);
+    ``min_found`` is the fraction of each split's images that must be sharded (see the module
+    docstring; 0 accepts any, but never an emptied split)."""
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+    if not 0 <= min_found <= 1:
+        raise ValueError(f"--min-found must be between 0 and 1, got {min_found}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    previous = _previous_sizes(out_dir / dataset)
     staging = Path(tempfile.mkdtemp(prefix=f".{dataset}.tmp-", dir=out_dir))
     try:
         splits = {}
@@ -73,6 +87,10 @@ def make_shards(
                 splits[split] = _write_split(
                     chosen, images_dir, staging, split, shard_size, progress
                 )
+                _check_found(
+                    splits[split], len(chosen), f"{dataset}/{split}", images_dir, min_found
+                )
+        _check_nothing_emptied(previous, splits, out_dir / dataset)
         manifest = {
             "format": MANIFEST_FORMAT,
             "dataset": dataset,
@@ -88,6 +106,52 @@ def make_shards(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+class ShardingError(UserError, ValueError):
+    """make_shards stopped before replacing anything; the message says why and what to do."""
+
+
+def _check_found(
+    entry: dict, annotated: int, where: str, images_dir: Path, min_found: float
+) -> None:
+    """Stop when fewer than ``min_found`` of a split's ``annotated`` images were sharded."""
+    if entry["images"] >= min_found * annotated:
+        return
+    missing = [s for s in entry["skipped"] if s["reason"].startswith("missing")]
+    example = f", e.g. {images_dir / missing[0]['filename']}" if missing else ""
+    unreadable = len(entry["skipped"]) - len(missing)
+    raise ShardingError(
+        f"{where}: only {entry['images']} of {annotated} annotated images could be sharded: "
+        f"{len(missing)} not found in the images folder {images_dir}{example}, {unreadable} "
+        f"unreadable; expected at least {min_found:.0%} (--min-found {min_found}). Check "
+        "--images (the annotations' file names are relative to it), or lower --min-found to "
+        "shard what is there. Nothing was written."
+    )
+
+
+def _previous_sizes(folder: Path) -> dict[str, int]:
+    """Images per split of the shards already in ``folder`` ({} when there are none)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        return {split: int(entry["images"]) for split, entry in manifest["splits"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _check_nothing_emptied(previous: dict[str, int], splits: dict, final: Path) -> None:
+    """Stop rather than replace a split that holds images with an empty or absent one."""
+    emptied = [
+        f"{split} ({count} images)"
+        for split, count in previous.items()
+        if count and not splits.get(split, {}).get("images")
+    ]
+    if emptied:
+        raise ShardingError(
+            f"{final}: this run would leave the split(s) {', '.join(emptied)} empty or absent; "
+            f"the shards there were left as they are. Write to another --out, or remove "
+            f"{final} first if that is really wanted."
+        )
 
 
 def _write_split(
@@ -175,21 +239,28 @@ def replace_folder(staging: Path, final: Path) -> None:
 
 
 def read_manifest(root: str | Path, dataset: str) -> dict:
-    """The manifest of ``<root>/<dataset>``, with a clear error when the shards are not there."""
+    """The manifest of ``<root>/<dataset>`` (a folder, URL or ``pipe:`` command: see
+    bita.data.storage), with a clear error when the shards are not there."""
     return read_json_manifest(
-        Path(root) / dataset / MANIFEST,
+        storage.join(root, dataset, MANIFEST),
         MANIFEST_FORMAT,
         how_to_build=f"build it with `python tools/make_shards.py --dataset {dataset} "
         f"--annotations FILE --images DIR --out {root}` "
-        "(or point paths.shards / BITA_SHARDS at the folder holding it)",
+        "(or point paths.shards / BITA_SHARDS at the folder or URL holding it)",
     )
 
 
-def read_json_manifest(path: Path, expected_format: str, *, how_to_build: str) -> dict:
+def read_json_manifest(location: str, expected_format: str, *, how_to_build: str) -> dict:
     """A manifest file of the expected format; a missing one says how to build it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; {how_to_build}")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != expected_format:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {expected_format!r}")
+    try:
+        text = storage.read_bytes(location).decode("utf-8")
+    except FileNotFoundError:
+        raise MissingFileError(f"{location}: no manifest; {how_to_build}") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{location}: not a JSON manifest ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UserError(f"{location}: format {found!r}, expected {expected_format!r}")
     return manifest

@@ -16,9 +16,14 @@ augmentation seeds derive from (seed, epoch, rank, world_size, W, stream). ``ski
 hands DataLoader worker ``w`` the logical stream ``(k + w) % W`` and drops its batches before
 ``k`` undecoded, so the remaining batches are identical to an uninterrupted run.
 
-Bad data. Shard and sample errors go to ``SkipLog``: logged with the shard and key, counted,
-skipped. A training image that fails to decode is replaced by another pair of the same batch,
-which keeps batch sizes and resume alignment; evaluation drops it.
+Bad data. Shard and sample errors go to a ``SkipLog`` (bita.data.skips; a stage passes its
+own, which it totals at its end): named with the shard and key, counted, skipped. A training
+image that fails to decode is replaced by another pair of the same batch, which keeps batch
+sizes and resume alignment; evaluation drops it.
+
+Shards may live in a local folder, behind a URL or a ``pipe:`` command (bita.data.storage);
+local shards the manifest lists must all be there before a stream starts, remote ones are
+reported, once and by URL, when one cannot be read.
 
 Evaluation. All ranks and workers read the split's shards in manifest order and keep every
 ``S``-th sample (``S`` = world_size × W), so each image is decoded exactly once, in a fixed
@@ -33,25 +38,25 @@ become a tensor. A set may hold several views per sample; epoch ``e`` reads view
 from __future__ import annotations
 
 import json
-import logging
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from bita.data import storage
 from bita.data.captions import usable_captions
-from bita.data.images import load_image
-from bita.data.shards import read_manifest
+from bita.data.images import ImageError, load_image
+from bita.data.shards import MANIFEST, read_manifest
+from bita.data.skips import SkipLog
+from bita.errors import MissingFileError
 from bita.locations import resolve_location
-
-log = logging.getLogger(__name__)
 
 Transform = Callable[[Any], torch.Tensor]
 Decode = Callable[[str, bytes, int | None], torch.Tensor]
@@ -64,7 +69,9 @@ class ShardSet:
 
     ``views[v]`` lists the sample members that may hold view ``v`` (the first present is used);
     ``decode(key, data, seed)`` turns its bytes into a tensor (``seed`` None: no randomness)
-    and raises ValueError on bad data.
+    and raises ValueError saying what is wrong with bad data (the stream adds the key and
+    shard).
+    ``root`` is a folder, URL or ``pipe:`` command (bita.data.storage).
     """
 
     root: str
@@ -83,7 +90,10 @@ def image_shards(dataset_cfg: Any, transform: Transform | None) -> ShardSet:
     (None: only manifests and captions will be read)."""
 
     def decode(key: str, data: bytes, seed: int | None) -> torch.Tensor:
-        picture = load_image(data, name=key)
+        try:
+            picture = load_image(data, name=key)
+        except ImageError as err:
+            raise ValueError(err.reason) from err  # the stream names the key and shard
         return transform(picture) if seed is None else with_cpu_seed(seed, transform, picture)
 
     root = resolve_location(str(dataset_cfg["root"]))
@@ -107,34 +117,21 @@ class Shard:
     captions: int
 
 
-class SkipLog:
-    """WebDataset ``handler=``: log a bad shard or sample with where it was, count it, go on."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, error: BaseException) -> bool:
-        self.count += 1
-        log.warning("skipped bad data (%d so far in this process): %s", self.count, error)
-        return True
-
-
 def _split_shards(shard_set: ShardSet, source: str, split: str) -> list[Shard]:
     """The shards of one source's split, in manifest order."""
-    root = Path(shard_set.root)
-    manifest = shard_set.read_manifest(root, source)
+    manifest = shard_set.read_manifest(shard_set.root, source)
+    where = storage.join(shard_set.root, source, MANIFEST)
     if split not in manifest["splits"] or not manifest["splits"][split]["shards"]:
         raise ValueError(
-            f"{root / source}/manifest.json: split {split!r} has no shards "
-            f"(it has {sorted(manifest['splits'])})"
+            f"{where}: split {split!r} has no shards (it has {sorted(manifest['splits'])})"
         )
     shards = [
-        Shard(str(root / source / s["file"]), source, s["images"], s["captions"])
+        Shard(storage.join(shard_set.root, source, s["file"]), source, s["images"], s["captions"])
         for s in manifest["splits"][split]["shards"]
     ]
-    missing = [s.path for s in shards if not Path(s.path).is_file()]
+    missing = [s.path for s in shards if storage.is_local(s.path) and not Path(s.path).is_file()]
     if missing:
-        raise FileNotFoundError(f"{root / source}/manifest.json lists missing shards: {missing}")
+        raise MissingFileError(f"{where} lists missing shards: {missing}")
     return shards
 
 
@@ -142,11 +139,8 @@ def split_size(dataset_cfg: Any, *, split: str, unit: str, shards: ShardSet | No
     """Usable ``"captions"`` or ``"images"`` of a split over all sources (from the image
     manifests, or from those of ``shards``)."""
     shard_set = shards or image_shards(dataset_cfg, transform=None)
-    return sum(
-        getattr(s, unit)
-        for src in _sources(dataset_cfg)
-        for s in _split_shards(shard_set, src["name"], split)
-    )
+    per_source = _source_shards(dataset_cfg, shard_set, split)
+    return sum(getattr(s, unit) for own in per_source.values() for s in own)
 
 
 def steps_per_epoch(
@@ -184,10 +178,12 @@ def train_batches(
     world_size: int = 1,
     shards: ShardSet | None = None,
     per_image: bool = False,
+    skips: SkipLog | None = None,
 ) -> Iterable[dict]:
     """This rank's training batches of one epoch (see the module docstring): images through
     ``transform``, or the ``field`` of another shard set ``shards`` (a feature cache); one
-    ``caption`` per sample, or with ``per_image`` all of an image's ``references``."""
+    ``caption`` per sample, or with ``per_image`` all of an image's ``references``. Bad data
+    goes to ``skips`` (None: a log of this stream's own)."""
     shard_set = _chosen(dataset_cfg, transform, shards)
     n_batches = steps_per_epoch(
         dataset_cfg,
@@ -211,6 +207,7 @@ def train_batches(
         name=f"{seed}/{epoch}/{rank}/{world_size}",
         buffer=int(dataset_cfg.get("shuffle_buffer", 2000)),
         per_image=per_image,
+        skips=skips or SkipLog(),
     )
     return _loader(stream, num_workers)
 
@@ -225,9 +222,11 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
     shards: ShardSet | None = None,
+    skips: SkipLog | None = None,
 ) -> Iterable[dict]:
     """This rank's share of the evaluation images, each once, in a fixed order: images through
-    ``transform``, or view 0 of another shard set ``shards`` (a feature cache)."""
+    ``transform``, or view 0 of another shard set ``shards`` (a feature cache). Bad data goes
+    to ``skips`` (None: a log of this stream's own)."""
     source = str(dataset_cfg["eval_source"])
     shard_set = _chosen(dataset_cfg, transform, shards)
     stream = _EvalStream(
@@ -237,31 +236,51 @@ def eval_batches(
         rank=rank,
         world_size=world_size,
         streams=max(num_workers, 1),
+        skips=skips or SkipLog(),
     )
     return _loader(stream, num_workers)
 
 
-def caption_groups(dataset_cfg: Any, *, split: str) -> list[list[str]]:
+def eval_image_count(dataset_cfg: Any, *, split: str, shards: ShardSet) -> int:
+    """Images of the evaluation source's split, as its manifest counts them."""
+    source = str(dataset_cfg["eval_source"])
+    return sum(s.images for s in _split_shards(shards, source, split))
+
+
+def eval_image_keys(dataset_cfg: Any, *, split: str, shards: ShardSet) -> list[str]:
+    """Keys of the evaluation source's split, read from the shards' json members only."""
+    own = _split_shards(shards, str(dataset_cfg["eval_source"]), split)
+    return [raw.key for raw in _json_records(own, SkipLog())]
+
+
+def caption_groups(
+    dataset_cfg: Any, *, split: str, skips: SkipLog | None = None
+) -> list[list[str]]:
     """Each image's usable cleaned captions over all sources, in shard order (images without
     one left out), read from the image shards' json members only."""
+    skips = skips or SkipLog()
     groups: list[list[str]] = []
     shard_set = image_shards(dataset_cfg, transform=None)
-    for source in _sources(dataset_cfg):
-        paths = [s.path for s in _split_shards(shard_set, source["name"], split)]
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(paths),
-            wds.tarfile_to_samples(handler=SkipLog(), select_files=lambda f: f.endswith(".json")),
-        )
-        for sample in pipeline:
-            captions = usable_captions(json.loads(sample["json"])["captions"])
+    for own in _source_shards(dataset_cfg, shard_set, split).values():
+        for raw in _json_records(own, skips):
+            captions = usable_captions(raw.record["captions"])
             if captions:
                 groups.append(captions)
     return groups
 
 
-def caption_texts(dataset_cfg: Any, *, split: str) -> list[str]:
+def _json_records(shards: list[Shard], skips: SkipLog) -> Iterator[_Raw]:
+    """The parsed json records of ``shards`` in order, reading no image or feature member."""
+    samples = storage.tar_samples(
+        [{"url": s.path} for s in shards], report=skips, select_files=_selector(())
+    )
+    return _parsed(samples, skips, members=None)
+
+
+def caption_texts(dataset_cfg: Any, *, split: str, skips: SkipLog | None = None) -> list[str]:
     """All usable cleaned captions of a split over all sources, in shard order."""
-    return [text for group in caption_groups(dataset_cfg, split=split) for text in group]
+    groups = caption_groups(dataset_cfg, split=split, skips=skips)
+    return [text for group in groups for text in group]
 
 
 def _loader(stream: IterableDataset, num_workers: int) -> DataLoader:
@@ -279,6 +298,26 @@ def _sources(dataset_cfg: Any) -> list[dict]:
     return sources
 
 
+def _source_shards(dataset_cfg: Any, shard_set: ShardSet, split: str) -> dict[str, list[Shard]]:
+    """Each source's shards of `split`; sources without a manifest are named all at once
+    (`dataset=all` with two datasets not yet sharded names both)."""
+    found: dict[str, list[Shard]] = {}
+    missing: list[str] = []
+    for source in _sources(dataset_cfg):
+        try:
+            found[source["name"]] = _split_shards(shard_set, source["name"], split)
+        except MissingFileError as err:
+            missing.append(str(err))
+    if len(missing) > 1:
+        raise MissingFileError(
+            f"dataset {dataset_cfg['name']!r}: {len(missing)} of {len(found) + len(missing)} "
+            f"sources have no manifest: {' | '.join(missing)}"
+        )
+    if missing:
+        raise MissingFileError(missing[0])
+    return found
+
+
 def _training_mix(
     dataset_cfg: Any, shard_set: ShardSet, split: str
 ) -> tuple[list[Shard], list[float]]:
@@ -290,9 +329,10 @@ def _training_mix(
             f"dataset {dataset_cfg['name']!r}: sources[*].weight must be all null "
             f"(proportional to size) or all numbers, got {weights}"
         )
+    per_source = _source_shards(dataset_cfg, shard_set, split)
     shards, draw = [], []
     for source, weight in zip(sources, weights, strict=True):
-        own = _split_shards(shard_set, source["name"], split)
+        own = per_source[source["name"]]
         total = sum(s.captions for s in own)
         scale = 1.0 if weight is None else float(weight) / total
         shards += own
@@ -305,38 +345,48 @@ def _worker() -> int:
     return 0 if info is None else info.id
 
 
-def _parse(sample: dict, members: tuple[str, ...]) -> tuple[str, bytes, dict]:
-    """(key, payload, record) of a raw shard sample, the payload being the first of ``members``
-    present; names the shard when incomplete."""
-    key = sample.get("__key__")
-    payload = _member(sample, members)
+class _Raw(NamedTuple):
+    """A shard sample as read: its key, its shard, the member that feeds the model (None when
+    only records are read) and its parsed json record."""
+
+    key: str
+    shard: str
+    payload: bytes | None
+    record: dict
+
+
+def _parse(sample: dict, members: tuple[str, ...] | None) -> _Raw:
+    """The ``_Raw`` of a sample, the payload being the first of ``members`` present; raises
+    ValueError saying what is missing or wrong."""
+    payload = None if members is None else _member(sample, members)
     if "json" not in sample:
-        raise ValueError(f"sample {key} in {sample.get('__url__')}: needs a json")
+        raise ValueError("no json member (the record with its captions)")
     try:
         record = json.loads(sample["json"])
-    except json.JSONDecodeError as err:
-        raise ValueError(f"sample {key} in {sample.get('__url__')}: bad json: {err}") from err
-    return key, payload, record
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"its json member is not valid JSON ({err})") from err
+    if not isinstance(record, dict) or not isinstance(record.get("captions"), list):
+        raise ValueError("its json record has no list of captions")
+    return _Raw(sample["__key__"], sample["__url__"], payload, record)
 
 
 def _member(sample: dict, names: tuple[str, ...]) -> bytes:
-    """The first of the members ``names`` a raw sample has; names the shard when it has none."""
+    """The first of the members ``names`` a raw sample has."""
     data = next((sample[e] for e in names if e in sample), None)
     if data is None:
-        raise ValueError(
-            f"sample {sample.get('__key__')} in {sample.get('__url__')}: needs one of {list(names)}"
-        )
+        raise ValueError(f"no {' or '.join(names)} member")
     return data
 
 
 def _parsed(
-    samples: Iterator[dict], handler: SkipLog, members: tuple[str, ...]
-) -> Iterator[tuple[str, bytes, dict]]:
+    samples: Iterator[dict], skips: SkipLog, members: tuple[str, ...] | None
+) -> Iterator[_Raw]:
+    """The samples that parse; the others go to ``skips`` with their key and shard."""
     for sample in samples:
         try:
             yield _parse(sample, members)
         except ValueError as err:
-            handler(err)
+            skips.sample(sample.get("__url__"), sample.get("__key__"), str(err))
 
 
 def _selector(members: tuple[str, ...]) -> Callable[[str], bool]:
@@ -360,13 +410,13 @@ class _TrainStream(IterableDataset):
         name: str,
         buffer: int,
         per_image: bool,
+        skips: SkipLog,
     ) -> None:
         super().__init__()
         self.shards, self.weights, self.per_image = shards, weights, per_image
         self.batch_size, self.shard_set, self.members = batch_size, shard_set, members
         self.n_batches, self.skip_batches, self.streams = n_batches, skip_batches, streams
-        self.name, self.buffer = name, buffer
-        self.skips = SkipLog()
+        self.name, self.buffer, self.skips = name, buffer, skips
 
     def __iter__(self) -> Iterator[dict]:
         first = self.skip_batches + _worker()
@@ -377,10 +427,10 @@ class _TrainStream(IterableDataset):
         name = f"{self.name}/{self.streams}/{first % self.streams}"
         pipeline = wds.DataPipeline(
             lambda: self._resampled(random.Random(f"shards/{name}")),
-            wds.tarfile_to_samples(handler=self.skips, select_files=_selector(self.members)),
+            partial(storage.tar_samples, report=self.skips, select_files=_selector(self.members)),
             lambda samples: self._units(_parsed(samples, self.skips, self.members)),
             wds.shuffle(self.buffer, self.buffer, rng=random.Random(f"shuffle/{name}")),
-            lambda pairs: self._seeded(pairs, random.Random(f"augment/{name}")),
+            lambda units: self._seeded(units, random.Random(f"augment/{name}")),
             wds.batched(self.batch_size, collation_fn=None, partial=False),
             lambda batches: islice(batches, start, start + count),
             wds.map(self._decode_batch),
@@ -392,39 +442,40 @@ class _TrainStream(IterableDataset):
         while True:
             yield {"url": rng.choices(paths, weights=self.weights)[0]}
 
-    def _units(self, records: Iterator[tuple[str, bytes, dict]]) -> Iterator[tuple]:
-        """(key, payload, caption) per usable caption, or (key, payload, captions) per image
-        with ``per_image``."""
-        for key, image, record in records:
-            captions = usable_captions(record["captions"])
+    def _units(self, samples: Iterator[_Raw]) -> Iterator[tuple[_Raw, Any]]:
+        """(sample, caption) per usable caption, or (sample, captions) per image with
+        ``per_image``."""
+        for raw in samples:
+            captions = usable_captions(raw.record["captions"])
             if self.per_image:
                 if captions:
-                    yield key, image, captions
+                    yield raw, captions
             else:
-                yield from ((key, image, caption) for caption in captions)
+                yield from ((raw, caption) for caption in captions)
 
     @staticmethod
-    def _seeded(pairs: Iterator[tuple], rng: random.Random) -> Iterator[tuple]:
-        for pair in pairs:
-            yield (*pair, rng.getrandbits(63))
+    def _seeded(units: Iterator[tuple], rng: random.Random) -> Iterator[tuple]:
+        for unit in units:
+            yield (*unit, rng.getrandbits(63))
 
-    def _decode_batch(self, batch: list[tuple[str, bytes, Any, int]]) -> dict:
-        decoded = [self._augment(*pair) for pair in batch]
+    def _decode_batch(self, batch: list[tuple[_Raw, Any, int]]) -> dict:
+        decoded = [self._augment(raw, seed) for raw, _, seed in batch]
         good = [i for i, tensor in enumerate(decoded) if tensor is not None]
         if not good:
-            raise RuntimeError(f"every sample of a batch failed to decode: {[p[0] for p in batch]}")
+            keys = [raw.key for raw, _, _ in batch]
+            raise RuntimeError(f"every sample of a batch failed to decode: {keys}")
         slots = [i if decoded[i] is not None else good[i % len(good)] for i in range(len(batch))]
         return {
             self.shard_set.field: default_collate([decoded[i] for i in slots]),
-            "references" if self.per_image else "caption": [batch[i][2] for i in slots],
-            "image_id": [batch[i][0] for i in slots],
+            "references" if self.per_image else "caption": [batch[i][1] for i in slots],
+            "image_id": [batch[i][0].key for i in slots],
         }
 
-    def _augment(self, key: str, data: bytes, text: Any, seed: int) -> torch.Tensor | None:
+    def _augment(self, raw: _Raw, seed: int) -> torch.Tensor | None:
         try:
-            return self.shard_set.decode(key, data, seed)
+            return self.shard_set.decode(raw.key, raw.payload, seed)
         except ValueError as err:
-            self.skips(err)
+            self.skips.sample(raw.shard, raw.key, str(err))
             return None
 
 
@@ -438,22 +489,25 @@ class _EvalStream(IterableDataset):
         rank: int,
         world_size: int,
         streams: int,
+        skips: SkipLog,
     ) -> None:
         super().__init__()
         self.shards, self.batch_size, self.shard_set = shards, batch_size, shard_set
         self.members = shard_set.members(0)
         self.rank, self.world_size, self.streams = rank, world_size, streams
-        self.skips = SkipLog()
+        self.skips = skips
 
     def __iter__(self) -> Iterator[dict]:
         slot = self.rank * self.streams + _worker()
         pipeline = wds.DataPipeline(
             wds.SimpleShardList([s.path for s in self.shards]),
-            wds.tarfile_to_samples(
-                handler=self.skips, select_files=_selector((*self.members, *IMAGE_EXTENSIONS))
+            partial(
+                storage.tar_samples,
+                report=self.skips,
+                select_files=_selector((*self.members, *IMAGE_EXTENSIONS)),
             ),
             lambda samples: islice(samples, slot, None, self.world_size * self.streams),
-            wds.map(self._decode, handler=self.skips),
+            self._decoded,
             wds.batched(
                 self.batch_size,
                 collation_fn=partial(_collate_eval, field=self.shard_set.field),
@@ -462,17 +516,29 @@ class _EvalStream(IterableDataset):
         )
         return iter(pipeline)
 
+    def _decoded(self, samples: Iterator[dict]) -> Iterator[dict]:
+        """Each sample that parses and decodes; the others go to ``skips``."""
+        for sample in samples:
+            try:
+                decoded = self._decode(sample)
+            except ValueError as err:
+                self.skips.sample(sample.get("__url__"), sample.get("__key__"), str(err))
+            else:
+                yield decoded
+
     def _decode(self, sample: dict) -> dict:
         """Model input, references, and the encoded image (galleries show it)."""
-        key, data, record = _parse(sample, self.members)
-        image = _member(sample, IMAGE_EXTENSIONS)
+        raw = _parse(sample, self.members)
+        missing = [name for name in ("filename", "dataset") if name not in raw.record]
+        if missing:
+            raise ValueError(f"its json record has no {' or '.join(missing)}")
         return {
-            self.shard_set.field: self.shard_set.decode(key, data, None),
-            "image_id": key,
-            "filename": record["filename"],
-            "references": usable_captions(record["captions"]),
-            "image_bytes": image,
-            "dataset": record["dataset"],
+            self.shard_set.field: self.shard_set.decode(raw.key, raw.payload, None),
+            "image_id": raw.key,
+            "filename": raw.record["filename"],
+            "references": usable_captions(raw.record["captions"]),
+            "image_bytes": _member(sample, IMAGE_EXTENSIONS),
+            "dataset": raw.record["dataset"],
         }
 
 
@@ -492,7 +558,7 @@ def with_cpu_seed(seed: int, function: Callable, *args: Any) -> Any:
 
 
 def _collate_eval(samples: list[dict], field: str) -> dict:
-    names = [name for name in samples[0] if not name.startswith("__")]  # wds.map adds __key__
+    names = list(samples[0])
     batch = {name: [s[name] for s in samples] for name in names}
     batch[field] = default_collate(batch[field])
     return batch

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bita.errors import ConfigError
+
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _AUTOCAST = {None: None, "bf16": "bfloat16", "fp16": "float16"}
 
@@ -33,13 +35,13 @@ def batch_layout(hardware: Mapping, train: Mapping, world_size: int) -> BatchLay
     global_bs = int(train["global_batch_size"])
     micro = hardware.get("micro_batch_size")
     if global_bs <= 0 or global_bs % world_size:
-        raise ValueError(
+        raise ConfigError(
             f"train.global_batch_size={global_bs} must be a positive multiple of the world size "
             f"({world_size} processes)"
         )
     micro = global_bs // world_size if micro is None else int(micro)
     if micro <= 0 or global_bs % (micro * world_size):
-        raise ValueError(
+        raise ConfigError(
             f"train.global_batch_size={global_bs} is not divisible by hardware.micro_batch_size="
             f"{micro} x world size {world_size}; change one of them (or set "
             "hardware.micro_batch_size=null for no gradient accumulation)"
@@ -50,12 +52,12 @@ def batch_layout(hardware: Mapping, train: Mapping, world_size: int) -> BatchLay
 def _precision_section(hardware: Mapping) -> dict[str, Any]:
     precision = hardware.get("precision", "fp32")
     if precision not in _PRECISIONS:
-        raise ValueError(
+        raise ConfigError(
             f"hardware.precision={precision!r}: expected one of {', '.join(_PRECISIONS)}"
         )
     autocast = hardware.get("autocast")
     if autocast not in _AUTOCAST:
-        raise ValueError(f"hardware.autocast={autocast!r}: expected null, bf16 or fp16")
+        raise ConfigError(f"hardware.autocast={autocast!r}: expected null, bf16 or fp16")
     section: dict[str, Any] = {}
     if precision == "bf16":
         section["bf16"] = {"enabled": True}
@@ -77,7 +79,7 @@ def deepspeed_config(hardware: Mapping, train: Mapping, world_size: int) -> dict
     layout = batch_layout(hardware, train, world_size)
     stage = int(hardware.get("zero_stage", 0))
     if stage not in (0, 1, 2, 3):
-        raise ValueError(f"hardware.zero_stage={stage}: expected 0, 1, 2 or 3")
+        raise ConfigError(f"hardware.zero_stage={stage}: expected 0, 1, 2 or 3")
     config: dict[str, Any] = {
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,

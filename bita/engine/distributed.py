@@ -2,8 +2,11 @@
 
 Launchers describe the process through environment variables (RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT). Reading them — never `--local_rank` from argv, which belongs to
-Hydra — lets one code path serve all three launch styles. Without them DeepSpeed would go
-looking for MPI, so single-process defaults are filled in first.
+Hydra — lets one code path serve all three launch styles. A job that Hydra's submitit launcher
+started (SLURM, or its local executor) is one task per rank with SLURM's variables instead
+(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST): submitit's own helper
+translates them, with the first node of the job as the master. Without any of these DeepSpeed
+would go looking for MPI, so single-process defaults are filled in first.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+from bita.errors import ConfigError
 
 _LOCAL_RANK_ARG = re.compile(r"^--local[_-]rank(?:=(\d+))?$")
 
@@ -72,9 +77,9 @@ def _env_int(name: str, default: int) -> int:
 
 def _pick_device(accelerator: str, local_rank: int) -> torch.device:
     if accelerator not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"hardware.accelerator={accelerator!r}: expected one of auto, cpu, cuda")
+        raise ConfigError(f"hardware.accelerator={accelerator!r}: expected one of auto, cpu, cuda")
     if accelerator == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise ConfigError(
             "hardware.accelerator=cuda but no CUDA device is visible; use hardware=cpu"
         )
     if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
@@ -83,12 +88,27 @@ def _pick_device(accelerator: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def adopt_submitit_environment() -> None:
+    """In a submitit job (`hydra/launcher=slurm|submitit_local`) without a launcher's RANK,
+    export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the job's tasks.
+
+    The port is drawn from the job id, so every task of a job agrees on it. Each task keeps
+    the GPUs SLURM gave the node: the device is picked by LOCAL_RANK.
+    """
+    if "RANK" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def init_distributed(accelerator: str = "auto") -> DistInfo:
     """Join (or create) the process group: gloo on CPU, nccl on CUDA.
 
     `accelerator` is `hardware.accelerator`: `cpu`, `cuda`, or `auto` (CUDA when visible).
     Safe to call twice; the second call only reports the existing group.
     """
+    adopt_submitit_environment()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

@@ -13,6 +13,8 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
+from bita.errors import ConfigError
+
 
 class WarmupCosine:
     """lr factor: linear warm-up to 1 over `warmup` steps, then cosine 1 → `end_ratio` at `total`.
@@ -67,7 +69,7 @@ def param_groups(model: nn.Module, optim: Mapping) -> list[dict]:
         group["params"].append(param)
         group["names"].append(name)
     if not groups:
-        raise ValueError(
+        raise ConfigError(
             "the model has no trainable parameters: check the stage's trainable patterns"
         )
     return list(groups.values())
@@ -90,7 +92,7 @@ def build_scheduler(
     """LambdaLR: `optim.lr` → `optim.end_lr` over `total_steps`, `optim.warmup_steps` of warm-up."""
     lr, end_lr = float(optim["lr"]), float(optim["end_lr"])
     if lr <= 0 or end_lr < 0 or end_lr > lr:
-        raise ValueError(
+        raise ConfigError(
             f"optim.lr={lr}, optim.end_lr={end_lr}: expected 0 <= end_lr <= lr, lr > 0"
         )
     fn = WarmupCosine(int(optim.get("warmup_steps", 0)), total_steps, end_lr / lr)

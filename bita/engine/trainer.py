@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -18,11 +19,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from bita.engine.checkpoint import TrainState, load_checkpoint, resume_path, save_checkpoint
+from bita.engine.checkpoint import (
+    LAST,
+    PREVIOUS,
+    DamagedCheckpointError,
+    TrainState,
+    latest_intact,
+    load_checkpoint,
+    resume_source,
+    save_checkpoint,
+    ways_on,
+)
 from bita.engine.deepspeed_config import batch_layout, deepspeed_config
 from bita.engine.distributed import DistInfo
 from bita.engine.schedule import build_optimizer, build_scheduler
 from bita.engine.throughput import ThroughputMeter
+from bita.errors import UserError
+from bita.options import check_schedule
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +43,7 @@ MakeBatches = Callable[[int, int], Iterable[dict]]
 LossFn = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """More non-finite losses than `train.max_bad_steps` allows."""
 
 
@@ -176,9 +189,7 @@ class Trainer:
         flops_per_sample: float | None = None,
         metric_prefix: str = "",
     ) -> None:
-        resume = train.get("resume", "auto")
-        if resume not in ("auto", "never"):
-            raise ValueError(f"train.resume={resume!r}: expected auto or never")
+        check_schedule(train, optim)
         self.model = model
         self.hardware, self.optim, self.train = hardware, optim, train
         self.tracker, self.dist, self.config = tracker, dist, config
@@ -191,7 +202,6 @@ class Trainer:
         self.engine = None
         self._scheduler = None
         self._trainable: list[nn.Parameter] = []
-        self._saved: tuple[int, int, int] | None = None
         self._warned_short_epoch = False
 
     def _own_clipping(self) -> float:
@@ -221,7 +231,7 @@ class Trainer:
 
     @property
     def last_checkpoint_dir(self) -> Path:
-        return self.checkpoint_dir / "last"
+        return self.checkpoint_dir / LAST
 
     @property
     def best_checkpoint_dir(self) -> Path | None:
@@ -254,27 +264,31 @@ class Trainer:
         self._scheduler = scheduler
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-    def _resume(self) -> TrainState:
-        source = (
-            resume_path(self.checkpoint_dir / "last")
-            if self.train.get("resume") == "auto"
-            else None
-        )
+    def _resume(self, source: Path | None, total: int) -> TrainState:
+        """Load `source` (see `resume_source`); a damaged file is named with the ways on."""
         if source is None:
             return TrainState(world_size=self.dist.world_size)
-        state = load_checkpoint(
-            source,
-            model=self.model,
-            optimizer=self.engine.optimizer,
-            scheduler=self._scheduler,
-            dist=self.dist,
-            zero_stage=self.zero_stage,
-        )
+        try:
+            state = load_checkpoint(
+                source,
+                model=self.model,
+                optimizer=self.engine.optimizer,
+                scheduler=self._scheduler,
+                dist=self.dist,
+                zero_stage=self.zero_stage,
+            )
+        except DamagedCheckpointError as err:
+            raise DamagedCheckpointError(f"{err}. {ways_on(self.checkpoint_dir)}") from err
+        if state.finished and state.step < total:
+            raise UserError(
+                f"{source} is the final checkpoint of a finished stage (step {state.step}, "
+                f"no optimizer state), and this run asks for {total} steps: start over with "
+                f"train.resume=never, or train on from its weights with init_from={source}"
+            )
         # DeepSpeed finds accumulation boundaries from micro_steps; keep its counters in line.
         self.engine.global_steps = state.step
         self.engine.global_samples = state.step * self.layout.global_batch_size
         self.engine.micro_steps = state.step * self.layout.grad_accum
-        self._saved = (state.step, state.epoch, state.batch_in_epoch)
         if self.dist.is_main:
             log.info(
                 "resumed from %s at step %d (epoch %d, batch %d)",
@@ -287,8 +301,11 @@ class Trainer:
 
     # -------------------------------------------------------------- pieces of the loop
 
-    def _save(self, name: str, state: TrainState) -> Path:
-        path = save_checkpoint(
+    def _save(self, name: str, state: TrainState, *, final: bool = False) -> Path:
+        """Write `last` (kept as `previous` when replaced; `final`: without optimizer state) or
+        `best` (a model only: neither optimizer nor RNG state)."""
+        resumable = name == LAST and not final
+        return save_checkpoint(
             self.checkpoint_dir / name,
             model=self.model,
             optimizer=self.engine.optimizer,
@@ -297,10 +314,22 @@ class Trainer:
             config=self.config,
             dist=self.dist,
             zero_stage=self.zero_stage,
+            with_optimizer=resumable,
+            with_rng=name == LAST,
+            previous=self.checkpoint_dir / PREVIOUS if resumable else None,
         )
-        if name == "last":
-            self._saved = (state.step, state.epoch, state.batch_in_epoch)
-        return path
+
+    def _finish(self, state: TrainState) -> None:
+        """Rewrite `last` as the stage's final checkpoint, without the optimizer state that
+        only an unfinished stage's resume reads (a changed schedule makes a new run folder, so
+        nothing trains on from a finished one), and drop `previous`. The RNG state stays: a
+        pipeline resumed after this stage draws what an uninterrupted one draws."""
+        if state.finished:  # resumed from the final checkpoint: nothing was trained
+            return
+        state.finished = True
+        self._save(LAST, state, final=True)
+        if self.dist.is_main:
+            shutil.rmtree(self.checkpoint_dir / PREVIOUS, ignore_errors=True)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Every rank must agree to skip, or the gradient all-reduce would hang.
@@ -319,7 +348,7 @@ class Trainer:
         limit = int(self.train.get("max_bad_steps", 0))
         where = f"step {state.step}, epoch {epoch}, batch {state.batch_in_epoch}"
         if state.bad_steps > limit:
-            last = resume_path(self.checkpoint_dir / "last")
+            last = latest_intact(self.checkpoint_dir)
             raise NonFiniteLossError(
                 f"{state.bad_steps} non-finite losses, more than train.max_bad_steps={limit} "
                 f"(latest at {where}); the last good checkpoint is {last or 'not written yet'}. "
@@ -376,10 +405,11 @@ class Trainer:
                 "at this train.global_batch_size"
             )
         max_steps = self.train.get("max_steps")
-        total = int(max_steps) if max_steps else steps_per_epoch * int(epochs)
-        n_epochs = math.ceil(total / steps_per_epoch) if max_steps else int(epochs)
+        total = int(max_steps) if max_steps is not None else steps_per_epoch * int(epochs)
+        n_epochs = math.ceil(total / steps_per_epoch) if max_steps is not None else int(epochs)
+        source = resume_source(self.checkpoint_dir, self.train.get("resume", "auto"))
         self._initialize(loss_fn, total)
-        state = self._resume()
+        state = self._resume(source, total)
         peak = self.hardware.get("peak_tflops") if self.dist.device.type == "cuda" else None
         meter = ThroughputMeter(
             self.layout.global_batch_size, self.dist.world_size, self.flops_per_sample, peak
@@ -394,7 +424,11 @@ class Trainer:
             desc="train",
         )
         try:
-            while state.epoch < n_epochs and state.step < total:
+            while True:
+                if state.epoch_end_pending and on_epoch_end is not None:
+                    metrics.update(self._end_epoch(on_epoch_end, state, select_metric))
+                if state.epoch >= n_epochs or state.step >= total:
+                    break
                 epoch = state.epoch
                 finished = self._run_epoch(
                     make_batches, epoch, state, total, steps_per_epoch, means, meter, bar, metrics
@@ -402,13 +436,12 @@ class Trainer:
                 if not finished:
                     break
                 state.epoch, state.batch_in_epoch = epoch + 1, 0
-                if on_epoch_end is not None:
-                    metrics.update(self._end_epoch(on_epoch_end, epoch, state, select_metric))
-                self._save("last", state)
+                # Saved before validating, so a kill during validation costs only the validation.
+                state.epoch_end_pending = on_epoch_end is not None
+                self._save(LAST, state)
         finally:
             bar.close()
-        if self._saved != (state.step, state.epoch, state.batch_in_epoch):
-            self._save("last", state)
+        self._finish(state)
         return FitResult(
             state.step,
             state.epoch,
@@ -447,7 +480,7 @@ class Trainer:
                 if state.step % log_every == 0 or state.step == total:
                     metrics.update(self._log(state, means, meter, bar))
                 if save_every and state.step % save_every == 0:
-                    self._save("last", state)
+                    self._save(LAST, state)
                 if state.step >= total:
                     return state.batch_in_epoch >= per_epoch
             if state.batch_in_epoch >= per_epoch:
@@ -462,9 +495,12 @@ class Trainer:
         return True
 
     def _end_epoch(
-        self, on_epoch_end, epoch: int, state: TrainState, select_metric: str | None
+        self, on_epoch_end, state: TrainState, select_metric: str | None
     ) -> dict[str, float]:
-        epoch_metrics = on_epoch_end(epoch) or {}
+        """Validate the epoch that just ended and keep it as `best` if it scores highest. The
+        next save of `last` records that this ran; a kill before then runs it again."""
+        epoch_metrics = on_epoch_end(state.epoch - 1) or {}
+        state.epoch_end_pending = False
         self._track(epoch_metrics, state.step)
         if select_metric is None:
             return epoch_metrics

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from bita.errors import ConfigError
 from bita.models.llm import BEAM_LOOPS
 from bita.models.trainable import eval_mode
 
@@ -47,7 +48,7 @@ class DecodeSettings:
         }
         wrong = [name for name, ok in checks.items() if not ok]
         if wrong:
-            raise ValueError(
+            raise ConfigError(
                 f"decode.{wrong[0]}={getattr(self, wrong[0])!r} is invalid: expected "
                 "num_beams, max_new_tokens, batch_size >= 1, 0 <= min_new_tokens <= "
                 "max_new_tokens, repetition_penalty > 0, 0 < top_p <= 1, temperature > 0, "
@@ -66,7 +67,7 @@ class DecodeSettings:
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ValueError(f"decode: unknown option(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"decode: unknown option(s) {unknown}; known: {sorted(known)}")
         return cls(**{name: _coerce(name, value, cls) for name, value in values.items()})
 
     def generate_kwargs(self) -> dict[str, Any]:
@@ -85,7 +86,7 @@ def _coerce(name: str, value: Any, cls: type[DecodeSettings]) -> Any:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ValueError(f"decode.{name}={value!r}: expected a {expected.__name__}")
+        raise ConfigError(f"decode.{name}={value!r}: expected a {expected.__name__}")
     return value
 
 

@@ -9,18 +9,33 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
+from bita.errors import UserError
 from bita.eval.decoding import DecodeSettings, decode_batches
 from bita.eval.gallery import write_gallery
 from bita.eval.metrics import score_captions
 from bita.eval.tables import metrics_table
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExpectedImages:
+    """What the split holds: `count` images by its manifest, and `keys()` that lists them
+    (read from the shards only when fewer images were scored, to name the ones left out)."""
+
+    count: int
+    keys: Callable[[], Iterable[str]]
+
+
+class IncompleteEvaluationError(UserError):
+    """Fewer images were scored than the split holds, and `eval.allow_missing` is false."""
 
 
 def evaluate(
@@ -36,6 +51,9 @@ def evaluate(
     tracker=None,
     spice_dir: str | Path | None = None,
     step: int = 0,
+    expected: ExpectedImages | None = None,
+    allow_missing: bool = False,
+    selection: Mapping[str, Any] | None = None,
 ) -> dict[str, float | None]:
     """Caption every image of ``batches`` (eval batches), score, write, log; return the metrics.
 
@@ -46,6 +64,11 @@ def evaluate(
     (``gallery_size`` best and worst images; 0 = no gallery). ``decode`` is the `decode`
     config section; ``spice_dir`` is `paths.spice`; ``step`` is the tracker step of the
     metrics (e.g. the fine-tune epoch); files are logged under the artifact folder `results`.
+
+    With ``expected``, the results also record the split's image count and the keys of any
+    image not scored (an image that failed to decode); a shortfall then fails unless
+    ``allow_missing`` (`eval.allow_missing`), after the results are written. ``selection``
+    (which checkpoint was scored and why) is recorded as it is.
     """
     if gallery_size < 0:
         raise ValueError(f"eval.gallery_size={gallery_size}: expected >= 0")
@@ -63,8 +86,11 @@ def evaluate(
             checkpoint=checkpoint,
             gallery_size=gallery_size,
             spice_dir=spice_dir,
+            expected=expected,
+            selection=selection,
         )
         _log_to_tracker(tracker, summary, Path(out_dir), step)
+        _check_complete(summary, Path(out_dir), allow_missing)
     except Exception as err:
         _send_from_rank0({"error": f"{type(err).__name__}: {err}"})
         raise
@@ -82,6 +108,8 @@ def _score_and_write(
     checkpoint: str | Path | None,
     gallery_size: int,
     spice_dir: str | Path | None,
+    expected: ExpectedImages | None,
+    selection: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     unique = _drop_duplicates(records)
     if not unique:
@@ -124,9 +152,42 @@ def _score_and_write(
         },
         "files": files,
     }
+    if expected is not None:
+        summary["counts"]["images_expected"] = expected.count
+        summary["skipped_images"] = _not_scored(expected, predictions)
+    if selection is not None:
+        summary["selection"] = dict(selection)
     _write_json(results_dir / files["results"], summary)
     print(metrics_table({f"{dataset} {split}": scores}))
     return summary
+
+
+def _not_scored(expected: ExpectedImages, scored: Mapping[str, Any]) -> list[str]:
+    """Keys of the split's images that were not scored (listed only when some are missing)."""
+    if len(scored) >= expected.count:
+        return []
+    return sorted(set(expected.keys()) - set(scored))
+
+
+def _check_complete(summary: Mapping[str, Any], out_dir: Path, allow_missing: bool) -> None:
+    """Fail on a shortfall unless allowed; either way the count is in the results file."""
+    counts = summary["counts"]
+    if "images_expected" not in counts or counts["images"] >= counts["images_expected"]:
+        return
+    skipped = summary["skipped_images"]
+    more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+    shown = ", ".join(skipped[:10]) + more if skipped else "keys unreadable (a damaged shard)"
+    message = (
+        f"evaluate {summary['dataset']}/{summary['split']}: scored {counts['images']} of "
+        f"{counts['images_expected']} images; not scored: {shown} (results in "
+        f"{out_dir / 'results' / summary['files']['results']}; warnings above say why)"
+    )
+    if not allow_missing:
+        raise IncompleteEvaluationError(
+            f"{message}. Fix or rebuild the shards, or set eval.allow_missing=true to accept a "
+            "score over the images that could be read"
+        )
+    log.warning("%s; eval.allow_missing=true, so the score stands", message)
 
 
 def _gallery_summary(scores: Mapping[str, float | None], images: int, checkpoint) -> str:

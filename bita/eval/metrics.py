@@ -11,6 +11,7 @@ process (pycocoevalcap leaves that to the garbage collector).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -136,24 +137,30 @@ def _meteor() -> Iterator[Meteor]:
         meteor.meteor_p.wait()
 
 
+@functools.cache
+def _note_once(message: str) -> None:
+    """Log a note once per process: a run scores several splits and epochs, and the same
+    missing-SPICE note each time reads like a new problem."""
+    log.warning(message)
+
+
 def _spice(gts: dict, res: dict, spice_dir: str | Path | None) -> float | None:
     """SPICE when the CoreNLP jars can be found (never a download), else None with one log line."""
     missing = [jar for jar in SPICE_JARS if not (SPICE_LIB / jar).exists()]
     if missing and spice_dir is None:
-        log.warning(
-            "SPICE unavailable: set paths.spice to a folder holding %s (from "
-            "stanford-corenlp-full-2015-12-09.zip); reporting SPICE as None, not 0",
-            " and ".join(SPICE_JARS),
+        _note_once(
+            "SPICE unavailable: set paths.spice to a folder holding "
+            f"{' and '.join(SPICE_JARS)} (from stanford-corenlp-full-2015-12-09.zip); "
+            "reporting SPICE as None, not 0"
         )
         return None
     if missing:
         source = Path(spice_dir)
         absent = [jar for jar in missing if not (source / jar).is_file()]
         if absent:
-            log.warning(
-                "SPICE unavailable: %s not found in %s (paths.spice); reporting SPICE as None",
-                ", ".join(absent),
-                source,
+            _note_once(
+                f"SPICE unavailable: {', '.join(absent)} not found in {source} (paths.spice); "
+                "reporting SPICE as None"
             )
             return None
         for jar in missing:

@@ -128,7 +128,8 @@ class BITA(nn.Module):
 
     def itc_loss(self, image_tokens: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
         """Stage-1 image–text contrastive loss (SPEC §2); returns `loss` and `acc`."""
-        image_feats = F.normalize(self.vision_proj(self.query_outputs(image_tokens)), dim=-1)
+        queries = self.vision_proj(self.query_outputs(image_tokens))
+        image_feats = F.normalize(queries.float(), dim=-1)  # fp32 features for fp32 similarities
         text = self.ift_tokenizer(
             captions,
             padding="max_length",
@@ -139,10 +140,17 @@ class BITA(nn.Module):
         device = image_tokens.device
         ids, mask = to_device(text.input_ids, device), to_device(text.attention_mask, device)
         cls = self.ift.encode_text(ids, mask)[:, 0]
-        text_feats = F.normalize(self.text_proj(cls), dim=-1)
-        low, high = self.settings.temp_range
-        temp = self.temp.clamp(low, high)
-        return contrastive_loss(image_feats, text_feats, temp, self.settings.label_smoothing)
+        text_feats = F.normalize(self.text_proj(cls).float(), dim=-1)
+        self.clamp_temperature_()
+        return contrastive_loss(image_feats, text_feats, self.temp, self.settings.label_smoothing)
+
+    @torch.no_grad()
+    def clamp_temperature_(self) -> None:
+        """Clamp the temperature parameter itself into `model.temp_range`, as BLIP-2 does at
+        the start of each ITC forward, i.e. after every optimizer step. Clamping only the value
+        used (`temp.clamp(...)`) would leave a parameter that drifted out of range with no
+        gradient, so it could never come back."""
+        self.temp.clamp_(*self.settings.temp_range)
 
     def forward(
         self,

@@ -11,6 +11,7 @@ convention), so decoding stops on it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ BEAM_LOOPS = ("bita", "transformers")  # decode.beam_loop: whose loop writes cap
 # the searches the project's loop runs: (settings type, search), the first that applies wins
 SEARCHES = ((BeamRules, beam_search), (SampleRules, sample_search))
 IGNORE_INDEX = -100
+STAND_IN = "standin"  # llm.tokenizer value: `stand_in_tokenizer()`, for random-weight builds
 SPECIAL_TOKENS = {
     "pad_token": "<pad>",
     "bos_token": "</s>",
@@ -44,6 +46,20 @@ def train_caption_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str 
 
     Byte-level: every byte (so "\n") is a token and no caption is out of vocabulary. Special
     tokens follow OPT's convention (`</s>` is bos and eos, `<pad>` pads)."""
+    out = Path(out_dir)
+    _byte_level_bpe(texts, vocab_size).save_pretrained(out)
+    return out
+
+
+def stand_in_tokenizer():
+    """`llm.tokenizer: standin`: a byte-level tokenizer built on the spot, one token per byte
+    plus OPT's special tokens, no merges and no download. It lets an LM with random weights be
+    built offline at full size (its embedding table keeps `llm.config.vocab_size`), for sizes,
+    memory and speed; its ids are nobody's, so captions from it carry no meaning."""
+    return _byte_level_bpe([], vocab_size=0)
+
+
+def _byte_level_bpe(texts: Iterable[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -58,10 +74,7 @@ def train_caption_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str 
         show_progress=False,
     )
     tokenizer.train_from_iterator((t + CAPTION_END for t in texts), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
-    out = Path(out_dir)
-    fast.save_pretrained(out)
-    return out
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
 def load_tokenizer(spec: str, field: str):
@@ -75,6 +88,15 @@ def load_tokenizer(spec: str, field: str):
             f"{field}={spec!r}: cannot load a tokenizer ({err}). A hub name needs network access "
             "once (or a local copy in the Hugging Face cache); otherwise give a folder."
         ) from err
+
+
+@dataclass(frozen=True)
+class SampledCaptions:
+    """What `PrefixLM.sample` drew: each sample's token ids (up to and including its end token,
+    or every token when it was cut at max_new_tokens) and its caption text."""
+
+    token_ids: list[list[int]]
+    texts: list[str]
 
 
 class PrefixLM(nn.Module):
@@ -135,14 +157,25 @@ class PrefixLM(nn.Module):
 
         At most `max_tokens` caption tokens (including "\n") are kept; labels are -100 on bos,
         prompt and padding."""
-        head = self._prompt_ids(prompt)
         # every caption starts with a space, with or without a prompt, so its first word is the
         # same token in the lm stage, stage 2 and fine-tuning (byte-level BPE marks the space)
         bodies = self.tokenizer([" " + c for c in captions], add_special_tokens=False).input_ids
-        rows = [head + body[: max_tokens - 1] + [self.caption_end_id] for body in bodies]
+        return self._labelled_rows(
+            [body[: max_tokens - 1] + [self.caption_end_id] for body in bodies], prompt
+        )
+
+    def _labelled_rows(
+        self, rows: list[list[int]], prompt: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`[bos] prompt row` for each row of token ids, right-padded: ids, attention mask and
+        labels (-100 on bos, prompt and padding)."""
+        head = self._prompt_ids(prompt)
+        sequences = [head + row for row in rows]
         pad = self.tokenizer.pad_token_id
-        ids = pad_sequence([torch.tensor(r) for r in rows], batch_first=True, padding_value=pad)
-        lengths = torch.tensor([len(r) for r in rows])
+        ids = pad_sequence(
+            [torch.tensor(r) for r in sequences], batch_first=True, padding_value=pad
+        )
+        lengths = torch.tensor([len(r) for r in sequences])
         mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
         labels[:, : len(head)] = IGNORE_INDEX
@@ -162,20 +195,28 @@ class PrefixLM(nn.Module):
         logits, targets, _ = self._prefixed_logits(prefix, captions, prompt, max_tokens)
         return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
-    def caption_token_log_probs(
-        self, prefix: torch.Tensor, captions: list[str], prompt: str = "", max_tokens: int = 32
+    def token_log_probs(
+        self, prefix: torch.Tensor, rows: list[list[int]], prompt: str = ""
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probability of every caption token (the closing "\n" included) after its prefix,
-        and the index of the caption each token belongs to: what a sequence-level reward
-        weights in self-critical training."""
-        logits, targets, caption_index = self._prefixed_logits(prefix, captions, prompt, max_tokens)
+        """Log-probability of every token of each row of ids after its prefix and prompt, and
+        the index of the row each token belongs to: what a sequence-level reward weights in
+        self-critical training. The rows are the ids as drawn (`SampledCaptions.token_ids`), not
+        their text tokenised again, which could give another split of the same text or add an
+        end token a sample cut at `max_new_tokens` never drew."""
+        ids, mask, labels = self._labelled_rows(rows, prompt)
+        logits, targets, row_index = self._logits_after_prefix(prefix, ids, mask, labels)
         log_probs = -F.cross_entropy(logits, targets, reduction="none")
-        return log_probs, to_device(caption_index, log_probs.device)
+        return log_probs, to_device(row_index, log_probs.device)
 
     def _prefixed_logits(
         self, prefix: torch.Tensor, captions: list[str], prompt: str, max_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, mask, labels = self.tokenize_captions(captions, prompt, max_tokens)
+        return self._logits_after_prefix(prefix, ids, mask, labels)
+
+    def _logits_after_prefix(
+        self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, mask = to_device(ids, prefix.device), to_device(mask, prefix.device)
         embeds = self._embed(ids)
         inputs = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
@@ -228,6 +269,13 @@ class PrefixLM(nn.Module):
         (`bita.models.sampling`) run on the project's shared-prefix decoder, with a CUDA graph
         per step when `cuda_graph`, unless `beam_loop="transformers"`; greedy search, top-k or
         top-p sampling and a repetition penalty always use transformers' `generate`."""
+        return self._texts(self._generate_ids(prefix, prompt, beam_loop, cuda_graph, **decode))
+
+    def _generate_ids(
+        self, prefix: torch.Tensor, prompt: str, beam_loop: str, cuda_graph: bool, **decode: Any
+    ) -> torch.Tensor:
+        """The new token ids [rows, <= max_new_tokens] of `generate`, each row padded after its
+        end token."""
         if beam_loop not in BEAM_LOOPS:
             raise ValueError(f"decode.beam_loop={beam_loop!r}: expected one of {BEAM_LOOPS}")
         head = torch.tensor([self._prompt_ids(prompt)], device=prefix.device)
@@ -252,8 +300,18 @@ class PrefixLM(nn.Module):
                 bos_token_id=self.tokenizer.bos_token_id,
                 **decode,
             )
-        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return out
+
+    def _texts(self, ids: torch.Tensor) -> list[str]:
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [t.split(CAPTION_END)[0].strip() for t in texts]
+
+    def _drawn_tokens(self, row: list[int]) -> list[int]:
+        """A sampled row up to and including its end token; all of it when the sample was cut
+        at max_new_tokens (it has no end token, and no padding)."""
+        if self.caption_end_id in row:
+            return row[: row.index(self.caption_end_id) + 1]
+        return row
 
     @torch.no_grad()
     def sample(
@@ -266,16 +324,17 @@ class PrefixLM(nn.Module):
         min_new_tokens: int = 1,
         temperature: float = 1.0,
         beam_loop: str = "bita",
-    ) -> list[str]:
+    ) -> SampledCaptions:
         """`num_samples` captions per prefix drawn from the full next-token distribution (no
         top-k or top-p cut, which would bias a policy gradient), the samples of a prefix
-        consecutive. Runs eagerly: `scst` puts the LM back in training after every draw, which
-        frees the decoder, so CUDA graphs would be captured again at every step."""
-        return self.generate(
+        consecutive, as token ids and text. Runs eagerly: `scst` puts the LM back in training
+        after every draw, which frees the decoder, so CUDA graphs would be captured again at
+        every step."""
+        ids = self._generate_ids(
             prefix,
             prompt,
-            beam_loop=beam_loop,
-            cuda_graph=False,
+            beam_loop,
+            False,
             do_sample=True,
             num_beams=1,
             top_k=0,
@@ -285,6 +344,8 @@ class PrefixLM(nn.Module):
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
         )
+        rows = [self._drawn_tokens(row) for row in ids.tolist()]
+        return SampledCaptions(token_ids=rows, texts=self._texts(ids))
 
     def save_pretrained(self, folder: str | Path, weights: bool = True) -> None:
         """Write the tokenizer and the LM config (and weights unless `weights=False`, used when
@@ -327,9 +388,9 @@ def build_prefix_lm(cfg: Mapping[str, Any]) -> PrefixLM:
             "llm.tokenizer is null: this LM has no public tokenizer. Train one with the caption "
             "LM stage (python -m bita.run stage=lm) or set llm.tokenizer to a folder"
         )
-    tokenizer = load_tokenizer(cfg["tokenizer"], "llm.tokenizer")
-    dtype = parse_dtype(cfg.get("dtype", "fp32"), "llm.dtype")
     spec = cfg.get("pretrained")
+    tokenizer = _lm_tokenizer(cfg["tokenizer"], spec)
+    dtype = parse_dtype(cfg.get("dtype", "fp32"), "llm.dtype")
     source = Path(resolve_location(spec)) if spec else None
     if source is not None and source.is_dir() and not _has_weights(source):
         if not cfg.get("in_checkpoint"):
@@ -344,10 +405,24 @@ def build_prefix_lm(cfg: Mapping[str, Any]) -> PrefixLM:
         arch = dict(cfg.get("config") or {})
         arch.setdefault("vocab_size", len(tokenizer))
         ids = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
-        model = OPTForCausalLM(OPTConfig(**{**ids, **arch}))
+        # built in its own dtype: OPT-2.7B initialised in fp32 first would take 11 GB
+        model = OPTForCausalLM._from_config(OPTConfig(**{**ids, **arch}), dtype=dtype)
     model.to(dtype)
     model.requires_grad_(bool(cfg.get("trainable", False)))
     return PrefixLM(model, tokenizer)
+
+
+def _lm_tokenizer(spec: str, pretrained: str | None):
+    """`llm.tokenizer`: a hub name, folder or location, or `standin` for random weights."""
+    if spec != STAND_IN:
+        return load_tokenizer(spec, "llm.tokenizer")
+    if pretrained:
+        raise ValueError(
+            f"llm.tokenizer={STAND_IN} goes only with random weights (llm.pretrained=null): its "
+            f"ids are not those llm.pretrained={pretrained!r} was trained on, so every caption "
+            "would be noise. Give that LM's own tokenizer."
+        )
+    return stand_in_tokenizer()
 
 
 def _load_opt(path: str, dtype: torch.dtype, spec: str) -> nn.Module:

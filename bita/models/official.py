@@ -1,21 +1,33 @@
 """The BITA authors' released checkpoints (LAVIS `.pth`, SPEC §6) ↔ this project's names.
 
 The authors' files hold only trainable parameters under LAVIS names (`Fformer.bert.…`,
-`opt_proj.…`); their unused MLM head `Fformer.cls.…` and BERT's `position_ids` buffer are
-dropped. Any other key that does not map is an error listing it, so a layout change can never
-load silently into nothing (the authors' `strict=False` defect).
+`opt_proj.…`; their earlier code named the module `IFformer.`, read the same way). Three
+things in them have no counterpart in BITA and are dropped with a logged note: the unused MLM
+head `Fformer.cls.…`, BERT's `position_ids` buffer, and the stage-1 `itm_head` (Linear 768 → 2:
+their IFT defines an image–text matching head that no loss uses but that is never frozen, so
+LAVIS saves it). Any other key that does not map is an error listing it, so a layout change
+can never load silently into nothing (the authors' `strict=False` defect).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
-_BERT = "Fformer.bert."
-_DROPPED = (re.compile(r"Fformer\.cls\..*"), re.compile(r"Fformer\.bert\.embeddings\.position_ids"))
+log = logging.getLogger(__name__)
+
+_MODULE = "Fformer."  # the released files' name of the IFT module
+_OLD_MODULE = "IFformer."  # its name in the authors' earlier code
+_BERT = _MODULE + "bert."
+_DROPPED = (
+    re.compile(r"Fformer\.cls\..*"),
+    re.compile(r"Fformer\.bert\.embeddings\.position_ids"),
+    re.compile(r"itm_head\..*"),
+)
 
 # (ours, theirs) name patterns; `{n}` is a layer index, the rest is literal
 _TOP = [
@@ -71,9 +83,31 @@ def from_official_name(name: str) -> str | None:
     return _rename(name, _TOP, reverse=True)
 
 
+def _current_module_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the earlier `IFformer.` prefix renamed to the released `Fformer.`; a file
+    holding both is refused (which of the two IFTs would load is unknowable)."""
+    old = [k for k in state if k.startswith(_OLD_MODULE)]
+    if old and any(k.startswith(_MODULE) for k in state):
+        raise ValueError(
+            f"official checkpoint holds both {_MODULE!r} and {_OLD_MODULE!r} keys "
+            f"(e.g. {old[0]!r}): expected one IFT module"
+        )
+    return {(_MODULE + k[len(_OLD_MODULE) :] if k in old else k): v for k, v in state.items()}
+
+
 def from_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Authors' state dict → ours. Unknown keys (other than the dropped MLM head) are an error."""
-    kept = {k: v for k, v in state.items() if not any(p.fullmatch(k) for p in _DROPPED)}
+    """Authors' state dict → ours. Keys with no BITA counterpart other than the MLM head,
+    `position_ids` and `itm_head` (dropped, with a logged note) are an error."""
+    state = _current_module_names(state)
+    dropped = sorted(k for k in state if any(p.fullmatch(k) for p in _DROPPED))
+    if dropped:
+        log.info(
+            "official checkpoint: dropped %d tensors BITA does not use (the MLM head, the "
+            "unused stage-1 ITM head, position ids): %s",
+            len(dropped),
+            dropped,
+        )
+    kept = {k: v for k, v in state.items() if k not in dropped}
     converted = _renamed(
         kept, from_official_name, "official checkpoint keys with no counterpart in BITA"
     )

@@ -48,15 +48,16 @@ def self_critical_loss(
     prompt: str,
     settings: SelfCritical,
 ) -> dict[str, torch.Tensor]:
-    """Policy-gradient loss of one batch: per-token log-probability of each sampled caption,
-    weighted by its reward minus the mean reward of the same image's other samples.
+    """Policy-gradient loss of one batch: per-token log-probability of each sampled caption (of
+    the token ids drawn), weighted by its reward (of its text) minus the mean reward of the same
+    image's other samples.
 
     Returns `loss`, the samples' mean `reward` and `reward_best` (mean over images of the best
     sample's reward), both detached, for the training log."""
     k = settings.samples_per_image
     prefix = model.lm_prefix(image_tokens)
     with eval_mode(model.llm):  # sample the policy being trained, not a dropout of it
-        captions = model.llm.sample(
+        drawn = model.llm.sample(
             prefix.detach(),
             prompt,
             num_samples=k,
@@ -66,11 +67,12 @@ def self_critical_loss(
             beam_loop=settings.beam_loop,
         )
     per_sample_refs = [refs for refs in references for _ in range(k)]
-    rewards = settings.reward(captions, per_sample_refs).to(prefix.device).view(-1, k)
+    rewards = settings.reward(drawn.texts, per_sample_refs).to(prefix.device).view(-1, k)
     baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
     advantage = (rewards - baseline).flatten()
-    log_probs, owner = model.llm.caption_token_log_probs(
-        prefix.repeat_interleave(k, dim=0), captions, prompt, model.settings.max_lm_tokens
+    # the gradient of the token sequences drawn, not of their text tokenised again
+    log_probs, owner = model.llm.token_log_probs(
+        prefix.repeat_interleave(k, dim=0), drawn.token_ids, prompt
     )
     loss = -(advantage[owner] * log_probs).mean()
     return {

@@ -9,6 +9,8 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+from bita.errors import ConfigError
+
 
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
@@ -31,7 +33,7 @@ def set_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
     names = [name for name, _ in model.named_parameters()]
     unmatched = [pat for pat in patterns if not any(fnmatchcase(n, pat) for n in names)]
     if unmatched:
-        raise ValueError(f"trainable patterns match no parameter: {unmatched}")
+        raise ConfigError(f"trainable patterns match no parameter: {unmatched}")
     trainable = []
     for name, param in model.named_parameters():
         param.requires_grad_(any(fnmatchcase(name, pat) for pat in patterns))

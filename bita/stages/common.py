@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterable
 from functools import partial
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
-from safetensors.torch import load_file
 
 from bita.data import features, stream
+from bita.data.shards import MANIFEST
 from bita.engine.trainer import Trainer
 from bita.models.build import build_model
 from bita.models.trainable import set_trainable
 from bita.stages.context import StageContext
+from bita.stages.init_from import load_init_weights
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +43,12 @@ def trainable_patterns(cfg: DictConfig) -> list[str]:
 
 
 def build_stage_model(ctx: StageContext) -> torch.nn.Module:
-    """Build the model for this stage, start it from `init_from` and set what trains."""
+    """Build the model for this stage, set what trains and start it from `init_from`."""
     model = build_model(model_config(ctx))
-    if ctx.cfg.init_from:
-        weights = Path(ctx.cfg.init_from) / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(
-                f"init_from={ctx.cfg.init_from}: no model.safetensors there "
-                "(expected a checkpoint folder such as runs/NAME/pretrain1/checkpoints/last)"
-            )
-        report = model.load_checkpoint_state_dict(load_file(str(weights)))
-        log.info(
-            "stage %s: started from %s (%d tensors loaded, %d left as built)",
-            ctx.name,
-            ctx.cfg.init_from,
-            len(report.loaded),
-            len(report.missing),
-        )
     names = set_trainable(model, trainable_patterns(ctx.cfg))
+    if ctx.cfg.init_from:
+        strict = bool(ctx.cfg.get("init_from_strict", True))
+        load_init_weights(model, ctx.cfg.init_from, names, strict=strict, stage=ctx.name)
     log.info("stage %s: %d trainable tensors", ctx.name, len(names))
     if not ctx.cfg.init_from:
         require_adapted_weights(ctx, model)
@@ -101,13 +91,40 @@ def shard_set(
     transform, taken from `features.cache_transforms` so both paths see the same images."""
     cache = feature_cache(ctx, model)
     if cache:
-        return (
+        shards = (
             cache.train_shards(ctx.cfg.dataset, split)
             if train
             else cache.eval_shards(ctx.cfg.dataset, split)
         )
-    pair = features.cache_transforms(model.preprocess, bool(ctx.cfg.augment))
-    return stream.image_shards(ctx.cfg.dataset, pair["train" if train else "eval"])
+    else:
+        pair = features.cache_transforms(model.preprocess, bool(ctx.cfg.augment))
+        shards = stream.image_shards(ctx.cfg.dataset, pair["train" if train else "eval"])
+    log_dataset_inputs(ctx, shards, split)
+    return shards
+
+
+def log_dataset_inputs(ctx: StageContext, shards: stream.ShardSet, split: str) -> None:
+    """Record each source's `split` that the stage reads as an MLflow dataset input: its
+    name, the split, a digest of the split's manifest entry (which shards, how many images and
+    captions) and the manifest's location."""
+    if ctx.tracker is None or ctx.tracker.run_id is None:
+        return
+    for source in ctx.cfg.dataset.sources:
+        manifest = shards.read_manifest(shards.root, source["name"])
+        entry = manifest["splits"][split]
+        canonical = json.dumps(entry, sort_keys=True).encode()
+        ctx.tracker.log_dataset(
+            name=f"{source['name']}-{split}",
+            split=split,
+            digest=hashlib.sha256(canonical).hexdigest()[:16],
+            location=f"{str(shards.root).rstrip('/')}/{source['name']}/{MANIFEST}",
+            profile={
+                "reads": shards.field,
+                "images": entry.get("images"),
+                "captions": entry.get("captions"),
+                "shards": len(entry.get("shards", [])),
+            },
+        )
 
 
 def batch_by_image(ctx: StageContext) -> bool:
@@ -138,6 +155,7 @@ def image_caption_batches(
             rank=ctx.dist.rank,
             world_size=ctx.dist.world_size,
             per_image=per_image,
+            skips=ctx.skips,
         )
 
     return make

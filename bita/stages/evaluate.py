@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from bita.engine.checkpoint import load_model
+from bita.errors import ConfigError
 from bita.stages.context import StageContext, StageResult
 from bita.stages.scoring import score_split
 
 
 def run(ctx: StageContext) -> StageResult:
     if not ctx.cfg.init_from:
-        raise ValueError(
+        raise ConfigError(
             "stage=evaluate needs the checkpoint to score: init_from=RUN_DIR/STAGE/checkpoints/best"
         )
     model, _ = load_model(ctx.cfg.init_from, device=ctx.dist.device)
-    metrics = score_split(ctx, model, ctx.cfg.eval.split, str(ctx.cfg.init_from), ctx.stage_dir)
+    checkpoint = str(ctx.cfg.init_from)
+    split = ctx.cfg.eval.split
+    metrics = score_split(ctx, model, split, checkpoint, ctx.stage_dir, selection=ctx.handed_over)
     return StageResult(metrics=metrics, scored_split=ctx.cfg.eval.split)

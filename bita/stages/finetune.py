@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from bita.engine.checkpoint import gathered_parameters, load_model
-from bita.engine.trainer import Trainer
+from bita.engine.trainer import FitResult, Trainer
 from bita.stages.common import (
     build_stage_model,
     captions_per_sample,
@@ -20,6 +23,8 @@ from bita.stages.common import (
 from bita.stages.context import StageContext, StageResult
 from bita.stages.pretrain2 import lm_objective
 from bita.stages.scoring import score_split
+
+log = logging.getLogger(__name__)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -54,7 +59,7 @@ def fit_and_select(
         with gathered_parameters(model, trainer.zero_stage):
             return score_split(ctx, model, val_split, None, out_dir, step=epoch, shards=val_shards)
 
-    trainer.fit(
+    fit = trainer.fit(
         make_batches,
         loss_fn,
         steps_per_epoch=epoch_steps,
@@ -62,9 +67,37 @@ def fit_and_select(
         on_epoch_end=validate,
         select_metric=ctx.cfg.stage.select_metric,
     )
-    best = trainer.best_checkpoint_dir or trainer.last_checkpoint_dir
+    chosen, selection = selected_checkpoint(ctx, fit, epoch_steps)
     metrics, final_split = {}, ctx.cfg.stage.final_eval_split
     if final_split:
-        best_model, _ = load_model(best, device=ctx.dist.device)
-        metrics = score_split(ctx, best_model, final_split, str(best), ctx.stage_dir)
-    return StageResult(checkpoint=best, metrics=metrics, scored_split=final_split)
+        best_model, _ = load_model(chosen, device=ctx.dist.device)
+        metrics = score_split(
+            ctx, best_model, final_split, str(chosen), ctx.stage_dir, selection=selection
+        )
+    return StageResult(
+        checkpoint=chosen,
+        metrics=metrics,
+        scored_split=final_split,
+        selection=selection,
+        selection_score=fit.best_metric,
+        captioner=chosen,
+    )
+
+
+def selected_checkpoint(
+    ctx: StageContext, fit: FitResult, epoch_steps: int
+) -> tuple[Path, dict[str, Any]]:
+    """`checkpoints/best`, or `last` when no epoch was validated (training stopped inside
+    the first epoch), said in the log, in MLflow and in the results of what scores it."""
+    metric = str(ctx.cfg.stage.select_metric)
+    if fit.best is not None:
+        log.info("stage %s: checkpoints/best selected (%s %.4f)", ctx.name, metric, fit.best_metric)
+        return fit.best, {"checkpoint": "best", "select_metric": metric, "score": fit.best_metric}
+    reason = (
+        f"no epoch was validated: training stopped at step {fit.step}, before the first "
+        f"epoch ended at step {epoch_steps} (train.max_steps)"
+    )
+    log.warning("stage %s: %s, so checkpoints/last is scored and handed on", ctx.name, reason)
+    if ctx.tracker is not None:
+        ctx.tracker.set_tags({f"{ctx.name}/selected_checkpoint": "last"})
+    return fit.last, {"checkpoint": "last", "reason": reason}

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf, open_dict
 from bita.data import stream
 from bita.models.llm import PrefixLM, train_caption_tokenizer
 from bita.models.trainable import set_trainable
-from bita.stages.common import make_trainer
+from bita.stages.common import log_dataset_inputs, make_trainer
 from bita.stages.context import StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,14 @@ def run(ctx: StageContext) -> StageResult:
     if llm_cfg.pretrained:
         log.info("stage lm: llm.pretrained=%s is set, nothing to train", llm_cfg.pretrained)
         return StageResult()
-    export_dir = ctx.stage_dir / "hf"
+    export_dir = (ctx.stage_dir / "hf").resolve()  # later checkpoints' configs name it
     carried = {"llm.pretrained": str(export_dir), "llm.tokenizer": str(export_dir)}
     if (export_dir / "config.json").is_file():
         log.info("stage lm: %s already holds the trained LM", export_dir)
         return StageResult(config_overrides=carried)
 
-    captions = stream.caption_texts(ctx.cfg.dataset, split=ctx.cfg.stage.split)
+    captions = stream.caption_texts(ctx.cfg.dataset, split=ctx.cfg.stage.split, skips=ctx.skips)
+    log_dataset_inputs(ctx, stream.image_shards(ctx.cfg.dataset, None), ctx.cfg.stage.split)
     tokenizer_dir = ctx.stage_dir / "tokenizer"
     train_caption_tokenizer(captions, llm_cfg.tokenizer_vocab_size, tokenizer_dir)
     lm_cfg = OmegaConf.create(OmegaConf.to_container(llm_cfg, resolve=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bita.errors import ConfigError
 from bita.stages.common import (
     batch_by_image,
     build_stage_model,
@@ -18,7 +19,7 @@ def itc_objective(model, batch: dict) -> dict:
 
 def run(ctx: StageContext) -> StageResult:
     if batch_by_image(ctx):
-        raise ValueError(
+        raise ConfigError(
             f"stage {ctx.name}: stage.batch_by_image must be false (contrastive pairs need one "
             "caption per image; an image's other captions would be false negatives)"
         )

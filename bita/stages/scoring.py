@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from bita.data import stream
-from bita.eval.evaluate import evaluate
+from bita.eval.evaluate import ExpectedImages, evaluate
 from bita.stages.common import shard_set
 from bita.stages.context import StageContext
 
@@ -20,13 +23,21 @@ def score_split(
     out_dir: Path,
     step: int = 0,
     shards: stream.ShardSet | None = None,
+    selection: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Beam-search captions for every image of `split` and return its COCO metrics.
+    """Beam-search captions for every image of `split` and return its COCO metrics; the
+    results record how many images the split holds and which were not scored (a shortfall
+    fails unless `eval.allow_missing`), and `selection` (which checkpoint, and why).
 
     `shards`: the split's shard set when the caller already has it (fine-tuning scores the
     same split every epoch; opening a feature cache re-reads its manifests and re-hashes the
     tower's weights)."""
     shards = shards or shard_set(ctx, model, split, train=False)
+    where = {"split": split, "shards": shards}
+    expected = ExpectedImages(
+        stream.eval_image_count(ctx.cfg.dataset, **where),
+        partial(stream.eval_image_keys, ctx.cfg.dataset, **where),
+    )
     batches = stream.eval_batches(
         ctx.cfg.dataset,
         split=split,
@@ -35,6 +46,7 @@ def score_split(
         num_workers=ctx.cfg.hardware.num_workers,
         rank=ctx.dist.rank,
         world_size=ctx.dist.world_size,
+        skips=ctx.skips,
     )
     return evaluate(
         model,
@@ -48,4 +60,7 @@ def score_split(
         tracker=ctx.tracker,
         spice_dir=ctx.cfg.paths.spice,
         step=step,
+        expected=expected,
+        allow_missing=bool(ctx.cfg.eval.get("allow_missing", False)),
+        selection=selection,
     )

@@ -14,6 +14,7 @@ from functools import partial
 import torch
 
 from bita.data import stream
+from bita.errors import ConfigError
 from bita.eval.cider_reward import CiderReward
 from bita.models.self_critical import SelfCritical
 from bita.stages.common import (
@@ -37,7 +38,7 @@ def scst_objective(
 
 def run(ctx: StageContext) -> StageResult:
     if not batch_by_image(ctx):
-        raise ValueError(
+        raise ConfigError(
             f"stage {ctx.name}: stage.batch_by_image must be true (self-critical training "
             "rewards each image's samples against all its references)"
         )
@@ -57,12 +58,12 @@ def run(ctx: StageContext) -> StageResult:
 
 def self_critical_settings(ctx: StageContext) -> SelfCritical:
     """`stage.self_critical` with a CIDEr-D reward whose idf comes from the training split."""
-    corpus = stream.caption_groups(ctx.cfg.dataset, split=ctx.cfg.stage.split)
+    corpus = stream.caption_groups(ctx.cfg.dataset, split=ctx.cfg.stage.split, skips=ctx.skips)
     log.info("stage %s: CIDEr-D reward over %d training images", ctx.name, len(corpus))
     options = dict(ctx.cfg.stage.self_critical)
     known = {f.name for f in dataclasses.fields(SelfCritical)} - {"reward", "beam_loop"}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"stage.self_critical: unknown keys {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"stage.self_critical: unknown keys {unknown}; known: {sorted(known)}")
     beam_loop = ctx.cfg.decode.get("beam_loop", "bita")  # decode decides, as for evaluation
     return SelfCritical(reward=CiderReward(corpus), beam_loop=beam_loop, **options)

@@ -16,10 +16,9 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from bita.data.cache_writer import CacheOptions, derive_features
-from bita.engine.checkpoint import WEIGHTS
+from bita.engine.checkpoint import read_weights
 from bita.locations import resolve_location
 from bita.models.encoders import build_image_encoder
 from bita.models.tower_adaptation import build_tower_adaptation, load_tower_weights
@@ -83,7 +82,7 @@ def adapted_features(ctx: StageContext, checkpoint: Path) -> Path | None:
     if ctx.dist.is_main:
         tower = build_image_encoder(ctx.cfg.encoder)
         in_checkpoint = bool(ctx.cfg.encoder.get("in_checkpoint", False))
-        load_tower_weights(tower, load_file(str(checkpoint / WEIGHTS)), in_checkpoint)
+        load_tower_weights(tower, read_weights(checkpoint), in_checkpoint)
         derive_features(
             ctx.cfg.dataset,
             ctx.cfg.encoder,

@@ -264,3 +264,33 @@ def test_feature_shards_stay_within_the_size_limits(cfg, model, tmp_path):
     assert manifest["splits"]["val"]["images"] == 31
     assert manifest["splits"]["train"]["captions"] == 310
     assert len(manifest["splits"]["val"]["shards"]) > 31 // 9 + 1  # the byte limit binds there
+
+
+def test_a_cache_over_http_reads_and_writes_as_from_folders(
+    cfg, model, cache, cache_root, serve_folder, tmp_path
+):
+    """features.root may be a URL; the cache writer may read its image shards from one."""
+    served = serve_folder(cache_root)
+    remote = features.open_cache(
+        {**cfg.features, "root": served.url}, cfg.dataset, cfg.encoder, model.encoder
+    )
+    assert remote.fingerprint == cache.fingerprint
+    by_url = features.manifest_shards({**cfg.features, "root": served.url})
+    assert steps_per_epoch(cfg.dataset, split="train", global_batch_size=8, shards=by_url) == (
+        steps_per_epoch(
+            cfg.dataset,
+            split="train",
+            global_batch_size=8,
+            shards=cache.train_shards(cfg.dataset, "train"),
+        )
+    )
+    args = dict(split="val", batch_size=8, num_workers=0)
+    here = eval_batches(cfg.dataset, shards=cache.eval_shards(cfg.dataset, "val"), **args)
+    there = eval_batches(cfg.dataset, shards=remote.eval_shards(cfg.dataset, "val"), **args)
+    for local, fetched in zip(here, there, strict=True):
+        assert local["image_id"] == fetched["image_id"]
+        assert torch.equal(local["features"], fetched["features"])
+    images = serve_folder(Path(resolve_location(cfg.dataset.root)))
+    remote_images = {**cfg.dataset, "root": images.url}
+    cache_features(remote_images, cfg.encoder, model.encoder, tmp_path, OPTIONS)
+    assert tree(tmp_path) == tree(cache_root)

@@ -6,6 +6,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from bita.data import images
 from bita.data.images import ImageError, encode_for_shard, load_image
 
 from .conftest import jpeg_bytes
@@ -90,3 +91,40 @@ def test_sixteen_bit_rgb_tiff_is_stretched_not_truncated(tmp_path, bands):
         warnings.simplefilter("always")
         pixels = np.asarray(load_image(path))
     assert pixels.shape == (40, 50, 3) and pixels.max() == 255 and pixels.mean() > 100
+
+
+def test_decode_errors_say_what_is_wrong(tmp_path):
+    """Faults: an empty file, a text file, a cut JPEG. Main said `cannot identify image file
+    <_io.BytesIO object at 0x...>` for the first two."""
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("shopping list\n")
+    (tmp_path / "cut.jpg").write_bytes(jpeg_bytes(3)[:400])
+    messages = {}
+    for name in ("empty.jpg", "notes.jpg", "cut.jpg"):
+        with pytest.raises(ImageError) as caught:
+            load_image(tmp_path / name)
+        messages[name] = str(caught.value)
+    assert messages["empty.jpg"] == f"{tmp_path / 'empty.jpg'}: empty file (0 bytes)"
+    assert messages["notes.jpg"].startswith(f"{tmp_path / 'notes.jpg'}: not an image: 14 bytes")
+    assert "it starts with b'shopping'" in messages["notes.jpg"]
+    assert messages["cut.jpg"].startswith(f"{tmp_path / 'cut.jpg'}: damaged image data")
+    assert caught.value.label == str(tmp_path / "cut.jpg")
+    assert caught.value.reason.startswith("damaged image data")
+
+
+def test_images_past_pillows_limit_load_up_to_the_stated_ceiling(monkeypatch):
+    """Pillow's own limit (89 million pixels, refused above twice that) is raised to bita's
+    ceiling, which load_image states when it refuses an image."""
+    assert Image.MAX_IMAGE_PIXELS == images.MAX_PIXELS >= 1_000_000_000
+    monkeypatch.setattr(images, "MAX_PIXELS", 24 * 24 - 1)
+    with pytest.raises(ImageError, match=r"24 x 24 = 576 pixels, over bita's ceiling"):
+        load_image(jpeg_bytes(0), name="scene")
+
+
+def test_reduce_to_decodes_jpegs_in_draft_and_subsamples_wide_tiffs():
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (640, 960, 3), np.uint8))
+    assert load_image(encoded(big, "JPEG"), reduce_to=64).size == (240, 160)  # 1/4 scale
+    assert load_image(encoded(big, "JPEG"), reduce_to=200).size == (960, 640)  # would be < 400
+    assert load_image(encoded(big, "PNG"), reduce_to=64).size == (960, 640)  # no draft for PNG
+    wide = np.random.default_rng(1).integers(0, 4096, (640, 960, 3), np.uint16)
+    assert load_image(tiff(wide), reduce_to=64).size == (192, 128)  # every 5th sample

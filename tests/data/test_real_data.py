@@ -115,7 +115,8 @@ def test_planted_corrupt_jpeg_is_listed_as_skipped(shared_data, tmp_path):
 
 
 def test_ucm_shards_hold_the_nine_real_tiffs_and_list_the_rest_missing(shared_data, tmp_path):
-    manifest = shard(shared_data, tmp_path / "a", "ucm", "dataset_ucm.json")
+    only_nine = ["--min-found", "0"]  # the other 2,091 images are not in ../shared/data
+    manifest = shard(shared_data, tmp_path / "a", "ucm", "dataset_ucm.json", extra=only_nine)
     images = sum(s["images"] for s in manifest["splits"].values())
     skipped = [x for s in manifest["splits"].values() for x in s["skipped"]]
     assert images == 9 and len(skipped) == 2091
@@ -127,7 +128,7 @@ def test_ucm_shards_hold_the_nine_real_tiffs_and_list_the_rest_missing(shared_da
         for n in shard_records(tmp_path / "a" / "ucm" / entry["file"])[0]
     }
     assert written == {f"ucm_{i}.{ext}" for i in range(9) for ext in ("png", "json")}
-    shard(shared_data, tmp_path / "b", "ucm", "dataset_ucm.json")
+    shard(shared_data, tmp_path / "b", "ucm", "dataset_ucm.json", extra=only_nine)
     tars = sorted((tmp_path / "a" / "ucm").rglob("*"))
     assert [p.relative_to(tmp_path / "a") for p in tars] == [
         p.relative_to(tmp_path / "b") for p in sorted((tmp_path / "b" / "ucm").rglob("*"))
@@ -144,5 +145,8 @@ def test_nwpu_per_class_layout_is_read(shared_data, tmp_path):
     assert Counter(r.split for r in records) == {"val": 3150, "test": 3150}
     assert len({r.scene for r in records}) == 45
     assert all(len(r.captions) == 5 and r.filename.startswith(f"{r.scene}/") for r in records)
-    manifest = shard(shared_data, tmp_path, "nwpu", "dataset_nwpu_valtest.json")
+    with pytest.raises(SystemExit, match="nwpu/val: only 0 of 3150 annotated images"):
+        shard(shared_data, tmp_path, "nwpu", "dataset_nwpu_valtest.json")
+    extra = ["--min-found", "0"]
+    manifest = shard(shared_data, tmp_path, "nwpu", "dataset_nwpu_valtest.json", extra=extra)
     assert sum(len(s["skipped"]) for s in manifest["splits"].values()) == 6300

@@ -5,7 +5,7 @@ import pytest
 
 import bita.data.shards as shards_module
 from bita.data.annotations import read_annotations
-from bita.data.shards import make_shards, read_manifest
+from bita.data.shards import ShardingError, make_shards, read_manifest
 
 from .conftest import jpeg_bytes, load_tool, shard_dataset, write_karpathy
 
@@ -120,3 +120,52 @@ def test_cli_writes_a_per_class_sample(tmp_path, capsys):
 def test_missing_manifest_says_how_to_make_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="tools/make_shards.py --dataset nwpu"):
         read_manifest(tmp_path, "nwpu")
+
+
+def test_a_wrong_images_folder_never_replaces_good_shards(tmp_path):
+    """Fault: make_shards re-run over good shards with --images pointing at an empty folder.
+    Main exited 0, deleted the tars and wrote an empty manifest."""
+    annotations = write_karpathy(tmp_path, "toy", 8, 4)
+    out = tmp_path / "out"
+    argv = ["--dataset", "ucm", "--annotations", str(annotations), "--out", str(out), "--quiet"]
+    assert make_shards_cli([*argv, "--images", str(tmp_path / "images")]) == 0
+    before = tree_bytes(out)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        make_shards_cli([*argv, "--images", str(tmp_path / "elsewhere")])
+    message = str(stopped.value.code)
+    assert "ucm/train: only 0 of 8 annotated images" in message
+    assert f"not found in the images folder {tmp_path / 'elsewhere'}" in message
+    assert tree_bytes(out) == before and [p.name for p in out.iterdir()] == ["ucm"]
+
+
+def test_too_few_images_found_stops_unless_min_found_allows_it(tmp_path):
+    """Fault: an images folder holding 3 of a split's 8 images. Main sharded the 3 and
+    exited 0."""
+    annotations = write_karpathy(tmp_path, "toy", 8, 2)
+    for index in range(3, 8):
+        (tmp_path / "images" / f"toy.{index}.jpg").unlink()
+    argv = ["--dataset", "ucm", "--annotations", str(annotations), "--quiet"]
+    argv += ["--images", str(tmp_path / "images"), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"only 3 of 8 .* at least 50% \(--min-found 0.5\)"):
+        make_shards_cli(argv)
+    assert not (tmp_path / "out" / "ucm").exists()
+    assert make_shards_cli([*argv, "--min-found", "0.3"]) == 0
+    assert read_manifest(tmp_path / "out", "ucm")["splits"]["train"]["images"] == 3
+    with pytest.raises(SystemExit):
+        make_shards_cli([*argv, "--min-found", "1.5"])
+
+
+def test_even_with_min_found_zero_a_split_holding_images_is_never_emptied(tmp_path):
+    """Fault: every image of a good split unreadable on a re-run that accepts any shortfall."""
+    shard_dataset(tmp_path, "toy", 6, 2, shard_size=3)
+    before = tree_bytes(tmp_path / "shards")
+    for image in (tmp_path / "raw" / "images").iterdir():
+        image.write_bytes(b"")
+    records = read_annotations(tmp_path / "raw" / "dataset_toy.json", "toy")
+    args = dict(images_dir=tmp_path / "raw" / "images", dataset="toy", progress=False)
+    with pytest.raises(ShardingError, match=r"split\(s\) train \(6 images\), val \(2 images\)"):
+        make_shards(records, out_dir=tmp_path / "shards", min_found=0, **args)
+    assert tree_bytes(tmp_path / "shards") == before
+    fresh = make_shards(records, out_dir=tmp_path / "fresh", min_found=0, **args)
+    assert fresh["splits"]["train"]["images"] == 0 and len(fresh["splits"]["train"]["skipped"]) == 6

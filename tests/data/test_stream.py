@@ -6,6 +6,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from bita.data.skips import SkipLog
 from bita.data.stream import caption_texts, eval_batches, steps_per_epoch, train_batches
 
 from .conftest import dataset_cfg, jpeg_bytes, shard_dataset
@@ -122,20 +123,62 @@ def plant(path, replace):
             )
 
 
-def test_corrupt_image_in_a_shard_is_logged_counted_and_skipped(tmp_path, transforms, caplog):
+def warnings_about(caplog, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and text in r.getMessage()
+    ]
+
+
+def test_every_skipped_sample_is_named_with_its_shard_and_counted(tmp_path, transforms, caplog):
+    """Faults: a cut JPEG in a val shard, bytes that are no image in a train shard. Main named
+    the key without its shard and gave no total a stage could report."""
     shard_dataset(tmp_path, "toy", 8, 4, shard_size=4)
     plant(tmp_path / "shards/toy/val/toy-val-00000.tar", {"toy_9.jpg": jpeg_bytes(9)[:300]})
     plant(tmp_path / "shards/toy/train/toy-train-00000.tar", {"toy_1.jpg": b"garbage"})
     cfg = dataset_cfg(tmp_path / "shards", "toy")
+    skips = SkipLog()
     with caplog.at_level(logging.WARNING):
-        ids = eval_ids(cfg, transforms)
+        ids = eval_ids(cfg, transforms, skips=skips)
     assert ids == ["toy_8", "toy_10", "toy_11"]
-    assert "toy_9" in caplog.text and "(1 so far" in caplog.text
+    (warning,) = warnings_about(caplog, "toy_9")
+    assert "toy-val-00000.tar" in warning and "damaged image data" in warning
+    assert skips.totals() == {"skipped_samples": 1, "distinct_skipped_samples": 1, "bad_shards": 0}
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         batches = train(cfg, transforms)
-    assert "toy_1" in caplog.text
+    (warning,) = warnings_about(caplog, "toy_1")  # met once per caption and draw, named once
+    assert "toy-train-00000.tar" in warning and "not an image" in warning
     assert all(len(b["image_id"]) == 4 and "toy_1" not in b["image_id"] for b in batches)
+    skips = SkipLog()  # counted across DataLoader worker processes too
+    train(cfg, transforms, num_workers=2, skips=skips)
+    totals = skips.totals()
+    assert totals["skipped_samples"] >= 3 and totals["distinct_skipped_samples"] in (1, 2)
+
+
+def test_a_truncated_shard_is_reported_once_by_name(tmp_path, transforms, caplog):
+    """Fault: a train and a val shard cut in half. Main reported each read twice (from
+    WebDataset's tar iterator and expander) naming a file object, and again at every draw of
+    the resampled train shard."""
+    shard_dataset(tmp_path, "toy", 8, 8, shard_size=4)
+    for name in ("train/toy-train-00001.tar", "val/toy-val-00000.tar"):
+        shard = tmp_path / "shards/toy" / name
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    cfg = dataset_cfg(tmp_path / "shards", "toy")
+    skips = SkipLog()
+    with caplog.at_level(logging.DEBUG, logger="bita.data.skips"):
+        for epoch in range(3):
+            train(cfg, transforms, epoch=epoch, skips=skips)
+        evaluate(cfg, transforms, skips=skips)
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    for name in ("toy-train-00001.tar", "toy-val-00000.tar"):
+        about = [(level, text) for level, text in messages if text.startswith(f"shard {tmp_path}")]
+        about = [(level, text) for level, text in about if name in text]
+        assert [level for level, _ in about].count(logging.WARNING) == 1, name
+        assert about[0][0] == logging.WARNING and "breaks off" in about[0][1]
+    assert sum("toy-train-00001.tar" in text for _, text in messages) > 2  # drawn again
+    assert skips.totals()["bad_shards"] == 2
 
 
 def test_truncated_tar_is_reported_and_the_rest_read(tmp_path, transforms, caplog):

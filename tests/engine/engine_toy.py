@@ -71,10 +71,22 @@ def toy_batches(micro: int, rank: int = 0, poison: frozenset = frozenset(), slee
             gen = torch.Generator().manual_seed(epoch * 100_003 + rank * 1009 + i)
             x = torch.randn(micro, 4, generator=gen)
             time.sleep(sleep)
-            yield {"x": x, "y": x.sum(-1), "poison": (epoch, i) in poison, "id": [str(i)] * micro}
+            ids = [f"{epoch}.{rank}.{i}.{j}" for j in range(micro)]  # epoch, rank, batch, row
+            yield {"x": x, "y": x.sum(-1), "poison": (epoch, i) in poison, "id": ids}
             i += 1
 
     return make
+
+
+def logged(make, events: list):
+    """`make` (a `make_batches`) that appends ("batch", epoch) to `events` per batch."""
+
+    def make_batches(epoch: int, skip: int):
+        for batch in make(epoch, skip):
+            events.append(("batch", epoch))
+            yield batch
+
+    return make_batches
 
 
 def toy_config(**train) -> dict:
@@ -165,21 +177,48 @@ def read_final(run_dir: Path, rank: int = 0) -> dict:
     return json.loads((run_dir / f"final.rank{rank}.json").read_text())
 
 
-def kill_after_step(command: list[str], env: dict[str, str], run_dir: Path, step: int) -> int:
-    """Run `command` (a toy run into `run_dir`), SIGKILL it once its last checkpoint reaches
-    `step`, and return the step that checkpoint holds: a crash at an arbitrary point."""
+def saved_state(run_dir: Path) -> dict:
+    """The trainer state a resume of `run_dir` would start from ({} before the first save)."""
+    for name in ("last", "previous"):  # `previous` alone: a kill between a save's renames
+        state_file = run_dir / "checkpoints" / name / "trainer_state.json"
+        if state_file.is_file():
+            return json.loads(state_file.read_text())
+    return {}
+
+
+def kill_when(command: list[str], env: dict[str, str], run_dir: Path, ready) -> dict:
+    """Run `command` (a toy run into `run_dir`), SIGKILL it once `ready(saved state)` holds,
+    and return the state it resumes from: a crash at an arbitrary point (a kill may even fall
+    between the two renames of a save, leaving only `previous`)."""
     victim = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
-    state_file = run_dir / "checkpoints/last/trainer_state.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and victim.poll() is None:
-        if state_file.exists() and json.loads(state_file.read_text())["step"] >= step:
-            break
+        try:
+            if ready(saved_state(run_dir)):
+                break
+        except (OSError, ValueError):  # a folder renamed while it was read
+            pass
         time.sleep(0.02)
     if victim.poll() is not None:
         raise AssertionError(f"the run ended (exit {victim.returncode}) before it was killed")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    return json.loads(state_file.read_text())["step"]
+    return saved_state(run_dir)
+
+
+def kill_after_step(command: list[str], env: dict[str, str], run_dir: Path, step: int) -> int:
+    """`kill_when` the saved step reaches `step`; returns the step it resumes from."""
+    return kill_when(command, env, run_dir, lambda state: state.get("step", 0) >= step)["step"]
+
+
+def slow_validation(seconds: float):
+    """An `on_epoch_end` that takes `seconds`, so a test can kill a run while it validates."""
+
+    def validate(epoch: int) -> dict:
+        time.sleep(seconds)
+        return {}
+
+    return validate
 
 
 def main() -> None:
@@ -189,6 +228,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--steps-per-epoch", type=int, default=4)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--validate-sleep", type=float, help="validate each epoch, this slowly")
     parser.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--autocast", choices=("bf16", "fp16"), help="default: none")
     args = parser.parse_args()
@@ -200,6 +240,7 @@ def main() -> None:
         steps_per_epoch=args.steps_per_epoch,
         sleep=args.sleep,
         epochs=args.epochs,
+        on_epoch_end=None if args.validate_sleep is None else slow_validation(args.validate_sleep),
         save_every_steps=1,
         hardware={
             "zero_stage": args.zero,

@@ -1,5 +1,5 @@
-"""The training loop: bad steps, logging cadence, best-checkpoint selection, and the
-multi-process paths (SIGKILL + resume, two ranks under torchrun)."""
+"""The training loop: bad steps, logging cadence, best-checkpoint selection, and two ranks
+under torchrun (SIGKILL + resume: test_resume.py)."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_toy import kill_after_step, read_final, run_toy, toy_command, toy_env
+from engine_toy import kill_when, logged, read_final, run_toy, toy_command, toy_env
 from safetensors.torch import load_file
 
 from bita.engine.checkpoint import model_state
@@ -91,17 +91,38 @@ def test_max_steps_overrides_epochs(dist, tmp_path):
     assert _state(tmp_path)["scheduler"]["lr_lambdas"][0]["total"] == 6
 
 
-def test_sigkill_then_resume_gives_same_weights(dist, tmp_path):
+def test_sigkill_during_validation_resumes_at_that_validation(dist, tmp_path, monkeypatch):
+    """Fault: SIGKILL while an epoch's validation runs. The resumed run validates that epoch
+    first, trains none of it again, and ends on the uninterrupted run's weights."""
     cut_dir = tmp_path / "cut"
-    killed_at = kill_after_step(toy_command(cut_dir, "--sleep", "0.05"), toy_env(), cut_dir, 3)
-    assert not (cut_dir / "final.rank0.json").exists()
-    # Resume and the uninterrupted reference run here (same seed, one thread, like the CLI).
-    resumed, result = run_toy(cut_dir, dist, epochs=3, save_every_steps=1)
-    reference, _ = run_toy(tmp_path / "full", dist, epochs=3, save_every_steps=1)
-    assert 3 <= killed_at < result.step == 12
+    command = toy_command(cut_dir, "--validate-sleep", "60")
+    state = kill_when(command, toy_env(), cut_dir, lambda state: state.get("epoch_end_pending"))
+    assert (state["step"], state["epoch"]) == (4, 1)
+    import engine_toy
+
+    events = []
+    original = engine_toy.toy_batches
+    monkeypatch.setattr(engine_toy, "toy_batches", lambda *a: logged(original(*a), events))
+    resumed, result = run_toy(
+        cut_dir, dist, epochs=3, save_every_steps=1, on_epoch_end=lambda e: events.append(e) or {}
+    )
+    monkeypatch.undo()
+    reference, _ = run_toy(
+        tmp_path / "full", dist, epochs=3, save_every_steps=1, on_epoch_end=lambda e: {}
+    )
+    assert events[0] == 0 and ("batch", 0) not in events and result.step == 12
     expected = model_state(reference.model)
     for name, value in model_state(resumed.model).items():
         assert torch.equal(value, expected[name]), name
+
+
+@pytest.mark.parametrize("max_steps", [0, -5, 2.7, "abc"])
+def test_max_steps_must_be_a_positive_integer(max_steps, dist, tmp_path):
+    """Fault: train.max_steps=0, -5, 2.7 or abc, once read by truthiness (0 trained a whole
+    epoch, -5 trained nothing and saved the untrained weights as last, 2.7 became 2)."""
+    with pytest.raises(ValueError, match=r"train\.max_steps=.*expected an integer >= 1"):
+        run_toy(tmp_path, dist, max_steps=max_steps)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_two_processes_on_gloo_agree(tmp_path):
@@ -130,4 +151,4 @@ def test_two_processes_on_gloo_agree(tmp_path):
     assert ranks[0]["step"] == ranks[1]["step"] == 2
     assert ranks[0]["weights"] == ranks[1]["weights"]
     last = tmp_path / "checkpoints/last"
-    assert (last / "optimizer.rank0.pt").exists() and (last / "optimizer.rank1.pt").exists()
+    assert (last / "rng.rank0.pt").exists() and (last / "rng.rank1.pt").exists()

@@ -178,3 +178,60 @@ def test_two_ranks_score_every_image_once_on_rank0(tmp_path):
     assert summary["counts"] == {"images": 6, "references": 12, "duplicates_dropped": 1}
     captions = json.loads((tmp_path / "results" / "demo_val_captions.json").read_text())
     assert [c["image_id"] for c in captions] == [f"demo_{i}" for i in range(6)]
+
+
+def _evaluate_with_expected(out_dir, **kwargs):
+    from bita.eval.evaluate import ExpectedImages
+
+    return evaluate(
+        FakeBITA(),
+        make_batches([[0, 1], [2]]),  # image 3 of the split failed to decode
+        decode=None,
+        out_dir=out_dir,
+        dataset="demo",
+        split="val",
+        checkpoint=None,
+        gallery_size=0,
+        expected=ExpectedImages(4, lambda: [f"demo_{i}" for i in range(4)]),
+        **kwargs,
+    )
+
+
+def test_images_not_scored_are_counted_named_and_fail_unless_allowed(tmp_path, monkeypatch):
+    """Fault: a split image that cannot be decoded, once scored away with only a log warning
+    (30 of 31 RSICD-demo val images); the results must say so and the stage must fail."""
+    monkeypatch.setattr(evaluate_module, "score_captions", fake_scores)
+    with pytest.raises(Exception, match=r"scored 3 of 4 images; not scored: demo_3.*allow_missing"):
+        _evaluate_with_expected(tmp_path / "strict")
+    summary = json.loads((tmp_path / "strict/results/demo_val.json").read_text())
+    assert summary["counts"]["images"] == 3 and summary["counts"]["images_expected"] == 4
+    assert summary["skipped_images"] == ["demo_3"]
+
+    metrics = _evaluate_with_expected(tmp_path / "lenient", allow_missing=True)
+    assert metrics["CIDEr"] == pytest.approx(2 / 3)  # images 0 and 1 repeat a reference
+    summary = json.loads((tmp_path / "lenient/results/demo_val.json").read_text())
+    assert summary["skipped_images"] == ["demo_3"]
+
+
+def test_a_complete_split_lists_no_keys(tmp_path, monkeypatch):
+    from bita.eval.evaluate import ExpectedImages
+
+    monkeypatch.setattr(evaluate_module, "score_captions", fake_scores)
+
+    def never():
+        raise AssertionError("keys are listed only when images are missing")
+
+    evaluate(
+        FakeBITA(),
+        make_batches([[0, 1, 2]]),
+        decode=None,
+        out_dir=tmp_path,
+        dataset="demo",
+        split="val",
+        checkpoint=None,
+        gallery_size=0,
+        expected=ExpectedImages(3, never),
+        selection={"checkpoint": "best"},
+    )
+    summary = json.loads((tmp_path / "results/demo_val.json").read_text())
+    assert summary["skipped_images"] == [] and summary["selection"] == {"checkpoint": "best"}

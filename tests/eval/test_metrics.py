@@ -109,9 +109,12 @@ def empty_spice_lib(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("configured", [False, True])
 def test_spice_unavailable_is_none_not_zero(empty_spice_lib, tmp_path, caplog, configured):
+    """Scored again and again (every epoch, every split), the note is logged once."""
+    metrics._note_once.cache_clear()
     spice_dir = tmp_path / "corenlp" if configured else None
     with caplog.at_level(logging.WARNING, logger="bita.eval.metrics"):
-        assert metrics._spice({"a": ["x"]}, {"a": ["x"]}, spice_dir) is None
+        for _ in range(3):
+            assert metrics._spice({"a": ["x"]}, {"a": ["x"]}, spice_dir) is None
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1
     assert lines[0].startswith("SPICE unavailable:")

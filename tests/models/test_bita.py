@@ -52,6 +52,20 @@ def test_temperature_is_clamped(tiny_model):
         assert tiny_model.itc_loss(tokens, CAPS)["loss"] == at_max
 
 
+@pytest.mark.parametrize("drifted", [3.0, 1e-4])
+def test_a_temperature_out_of_range_is_clamped_in_place_and_gets_a_gradient(tiny_model, drifted):
+    """An optimizer step that leaves `temp` outside [0.001, 0.5] must not strand it: the
+    parameter itself is clamped back (as BLIP-2 does) and keeps its gradient. Fails on clamping
+    only the value used, which leaves the parameter where it drifted with a zero gradient."""
+    tiny_model.eval()
+    with torch.no_grad():
+        tiny_model.temp.fill_(drifted)
+    tiny_model.itc_loss(tiny_model.image_tokens(torch.randn(4, 3, 64, 64)), CAPS)["loss"].backward()
+    low, high = tiny_model.settings.temp_range
+    assert tiny_model.temp.item() == pytest.approx(min(max(drifted, low), high))
+    assert tiny_model.temp.grad is not None and tiny_model.temp.grad.abs().item() > 0
+
+
 def test_tiny_forward_and_backward_is_fast(tiny_model):
     images = torch.randn(8, 3, 64, 64)
     tiny_model.itc_loss(tiny_model.image_tokens(images), CAPS * 2)["loss"].backward()  # warm-up

@@ -175,3 +175,133 @@ def test_unknown_qformer_key_is_named(compose):
     cfg.num_layer = 3
     with pytest.raises(ValueError, match="num_layer"):
         build_qformer(cfg, encoder_width=24)
+
+
+# ---------------------------------------------------------------- an independent reference
+# SPEC §1 written out in float64 from the layer's weights alone (none of its methods):
+#   Fourier sublayer   y = LayerNorm(x + Re(fft2(x)))            (both paths, over seq x hidden)
+#   queries only       z = LayerNorm(y + W_o MHA(W_q y, W_k I, W_v I))   (post-LN residual)
+#                      out = LayerNorm(z + W_2 gelu(W_1 z))      (the query FFN)
+#   text only          out = LayerNorm(y + W_2' gelu(W_1' y))    (the text FFN)
+
+
+def _ln(x, w, b, eps):
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * w + b
+
+
+def _linear(x, p, name):
+    return x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+
+
+def _ffn(x, p, name, eps):
+    hidden = _linear(x, p, f"{name}.up")
+    gelu = 0.5 * hidden * (1 + torch.erf(hidden / 2**0.5))
+    return _ln(
+        x + _linear(gelu, p, f"{name}.down"), p[f"{name}.norm.weight"], p[f"{name}.norm.bias"], eps
+    )
+
+
+def _reference_layer(p, x, image, heads, eps):
+    y = _ln(x + torch.fft.fft2(x).real, p["fourier_norm.weight"], p["fourier_norm.bias"], eps)
+    if image is None:
+        return _ffn(y, p, "text_ffn", eps)
+    b, n, h = y.shape
+    split = lambda t: t.view(b, t.shape[1], heads, h // heads).transpose(1, 2)  # noqa: E731
+    q = split(_linear(y, p, "cross_attn.query"))
+    k, v = split(_linear(image, p, "cross_attn.key")), split(_linear(image, p, "cross_attn.value"))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / (h // heads) ** 0.5, dim=-1)
+    attended = (weights @ v).transpose(1, 2).reshape(b, n, h)
+    z = _linear(attended, p, "cross_attn.out")
+    z = _ln(y + z, p["cross_attn.norm.weight"], p["cross_attn.norm.bias"], eps)
+    return _ffn(z, p, "query_ffn", eps)
+
+
+def _reference_ift(ift, queries, image, input_ids):
+    """(query outputs, text outputs) of SPEC's IFT with `ift`'s weights, in float64."""
+    cfg = ift.config
+    p = {k: v.detach().double() for k, v in ift.named_parameters()}
+    norm = (p["embeddings.norm.weight"], p["embeddings.norm.bias"], cfg.layer_norm_eps)
+    x = _ln(queries.double(), *norm)  # queries: no position embedding
+    positions = torch.arange(input_ids.shape[1])
+    t = _ln(
+        p["embeddings.word.weight"][input_ids] + p["embeddings.position.weight"][positions], *norm
+    )
+    for n in range(cfg.num_layers):
+        layer = {k.split(".", 2)[2]: v for k, v in p.items() if k.startswith(f"layers.{n}.")}
+        x = _reference_layer(layer, x, image.double(), cfg.num_heads, cfg.layer_norm_eps)
+        t = _reference_layer(layer, t, None, cfg.num_heads, cfg.layer_norm_eps)
+    return x, t
+
+
+def _matches_reference(ift) -> bool:
+    torch.manual_seed(1)
+    queries, image = torch.randn(2, 4, 32), torch.randn(2, 5, 24)
+    input_ids = torch.randint(0, 50, (2, 7))
+    want_queries, want_text = _reference_ift(ift, queries, image, input_ids)
+    got_queries = ift.encode_queries(queries, image).double()
+    got_text = ift.encode_text(input_ids, torch.ones_like(input_ids)).double()
+    return torch.allclose(got_queries, want_queries, atol=1e-4, rtol=0) and torch.allclose(
+        got_text, want_text, atol=1e-4, rtol=0
+    )
+
+
+@pytest.fixture
+def random_ift() -> IFT:
+    """An IFT in eval mode whose every weight is random, LayerNorms and biases included, and
+    whose query FFNs differ from its text FFNs, so any misplaced piece changes the output."""
+    torch.manual_seed(0)
+    ift = _ift().eval()
+    with torch.no_grad():
+        for param in ift.parameters():
+            param.normal_(0.0 if param.ndim > 1 else 1.0, 0.3)
+    return ift
+
+
+def test_ift_matches_the_spec_equations_written_independently(random_ift):
+    assert _matches_reference(random_ift)
+
+
+def _ffn_before_cross_attention(self, x, image):
+    return self.cross_attn(self.query_ffn(self._mix(x, None)), image)
+
+
+def _cross_attention_before_fourier(self, x, image):
+    return self.query_ffn(self._mix(self.cross_attn(x, image), None))
+
+
+def _text_ffn_on_the_query_path(self, x, image):
+    return self.text_ffn(self.cross_attn(self._mix(x, None), image))
+
+
+def _query_ffn_on_the_text_path(self, x, mask):
+    return self.query_ffn(self._mix(x, mask))
+
+
+def _fourier_without_residual(self, x, mask):
+    return self.fourier_norm(torch.fft.fft2(x.float()).real).to(x.dtype)
+
+
+MUTANTS = {
+    "forward_queries": [
+        _ffn_before_cross_attention,
+        _cross_attention_before_fourier,
+        _text_ffn_on_the_query_path,
+    ],
+    "forward_text": [_query_ffn_on_the_text_path],
+    "_mix": [_fourier_without_residual],
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "mutant"),
+    [(method, mutant) for method, mutants in MUTANTS.items() for mutant in mutants],
+    ids=lambda m: getattr(m, "__name__", m),
+)
+def test_the_reference_rejects_a_misbuilt_layer(random_ift, monkeypatch, method, mutant):
+    """Each mutant (sublayers swapped, the other path's FFN, a residual dropped) must differ
+    from the reference: the comparison above can tell a wrong layer."""
+    from bita.models.ift import IFTLayer
+
+    monkeypatch.setattr(IFTLayer, method, mutant)
+    assert not _matches_reference(random_ift)

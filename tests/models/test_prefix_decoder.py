@@ -107,8 +107,10 @@ def test_bita_sampling_draws_the_transformers_samples(caption_tokenizer, layout)
                 max_new_tokens=draw["max_new_tokens"],
                 min_new_tokens=draw["min_new_tokens"],
             )
-            assert ours == theirs, (seed, draw)
-            assert len(set(ours)) > 1
+            assert ours.texts == theirs, (seed, draw)
+            assert len(set(ours.texts)) > 1
+            for ids, text in zip(ours.token_ids, ours.texts, strict=True):  # ids as drawn
+                assert lm.tokenizer.decode(ids, skip_special_tokens=True).strip() == text
 
 
 def test_only_plain_beam_search_and_full_sampling_take_the_bita_loop():
