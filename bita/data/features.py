@@ -12,13 +12,23 @@ transform when the run's ``augment`` is false), each with a seed fixed by (key, 
 other split holds one eval-transform view plus the encoded image (evaluation galleries show
 it). Epoch ``e`` of training reads view ``e % views``.
 
+Cut points. A cache holds the tower's tokens (``activations: tokens``, what every BITA stage
+reads), or the activations at the cut below the ``encoder.adapt_blocks`` units that
+``stage=tower`` trains (``activations: cut``): then only those units run per training step.
+The tower stage ends by deriving a tokens cache of the adapted tower from its cut cache
+(``derive_features`` in bita.data.cache_writer: only the top units run), which the later
+stages read. A cut view is stored as tokens too: a CNN's map [C, H, W] as [H*W, C].
+
 Fingerprint. The manifest stores, and readers recompute, a hash of everything that decides the
-tokens: the encoder config (all of it but ``in_checkpoint``; an option added since this format
-is left out while it has the value that gives the old tokens, so older caches stay valid), a
-digest of the tower's weights (random towers are fixed only by their weights), the repr of
-both transforms (size, interpolation, crop scale, mean, std), ``views`` and this format. A
-cache whose fingerprint differs is refused, naming both fingerprints and the settings that
-differ.
+stored activations: the encoder config (all of it but ``in_checkpoint``, so the cut point
+``adapt_blocks`` too; an option added since this format is left out while it has the value
+that gives the old tokens, so older caches stay valid), a digest of the tower's weights (random
+towers are fixed only by their weights; a cut cache digests the units below the cut only, a
+tokens cache all of them, adapted ones included), the repr of both transforms (size,
+interpolation, crop scale, mean, std), ``views``, what is stored (``activations``, recorded
+for cut caches) and this format. A cache whose fingerprint differs is refused, naming both
+fingerprints and the settings that differ: a tokens cache made before adaptation, or a cut
+cache made at another cut.
 """
 
 from __future__ import annotations
@@ -43,7 +53,12 @@ from bita.locations import resolve_location
 
 FORMAT = "bita-features/1"
 # Encoder options added after FORMAT, with the value that gives the tokens caches had before.
-_ENCODER_DEFAULTS_SINCE_FORMAT = {"orientations": ["identity"]}
+_ENCODER_DEFAULTS_SINCE_FORMAT = {
+    "orientations": ["identity"],
+    "adapt_blocks": 0,
+    "token_strides": [32],
+}
+ACTIVATIONS = ("tokens", "cut")  # what a cache stores: the tower's output, or the cut's input
 STORAGE_DTYPE = "float16"
 
 
@@ -70,20 +85,40 @@ def cache_transforms(preprocess: Any, augment: bool = True) -> dict[str, Transfo
     }
 
 
-def weights_digest(tower: nn.Module) -> str:
-    """sha256 over the tower's state (names, dtypes, shapes, bytes), buffers included."""
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over a tower's state (names, dtypes, shapes, bytes), buffers included."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(tower.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         flat = tensor.detach().reshape(-1).cpu().contiguous()
         digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
+def deciding_weights(tower: nn.Module, activations: str = "tokens") -> dict[str, torch.Tensor]:
+    """The tower's state that decides what a cache stores: all of it for tokens, the units
+    below the cut for cut activations."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"features.activations={activations!r}: expected one of {ACTIVATIONS}")
+    state = tower.state_dict()
+    if activations == "tokens":
+        return state
+    if not tower.adapt_blocks:
+        raise ValueError(
+            "features.activations=cut needs a cut: set encoder.adapt_blocks to the number of "
+            "tower units stage=tower trains"
+        )
+    return {name: tensor for name, tensor in state.items() if not tower.is_adapted(name)}
+
+
 def fingerprint_settings(
-    encoder_cfg: Mapping[str, Any], tower: nn.Module, views: int, augment: bool = True
+    encoder_cfg: Mapping[str, Any],
+    tower: nn.Module,
+    views: int,
+    augment: bool = True,
+    activations: str = "tokens",
 ) -> dict:
-    """Everything that decides the cached tokens (see the module docstring)."""
+    """Everything that decides the cached activations (see the module docstring)."""
     if int(views) < 1:
         raise ValueError(f"features.views={views}: expected at least 1")
     if int(views) > 1 and not augment:
@@ -96,14 +131,15 @@ def fingerprint_settings(
         for key, value in _plain(encoder_cfg).items()
         if key != "in_checkpoint" and _ENCODER_DEFAULTS_SINCE_FORMAT.get(key) != value
     }
-    return {
+    settings = {
         "format": FORMAT,
         "storage": STORAGE_DTYPE,
         "encoder": encoder,
-        "weights_sha256": weights_digest(tower),
+        "weights_sha256": weights_digest(deciding_weights(tower, activations)),
         "transforms": {k: repr(t) for k, t in cache_transforms(tower.preprocess, augment).items()},
         "views": int(views),
     }
+    return settings | ({"activations": activations} if activations != "tokens" else {})
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
@@ -196,15 +232,16 @@ def open_cache(
     encoder_cfg: Mapping[str, Any],
     tower: nn.Module,
     augment: bool = True,
+    activations: str = "tokens",
 ) -> FeatureCache | None:
     """The configured cache after checking every source's fingerprint against this run's
-    tower and `augment` setting; None when ``features.root`` is null (the stages then read
-    images)."""
+    tower, `augment` setting and the `activations` the stage reads; None when
+    ``features.root`` is null (the stages then read images)."""
     if not features_cfg or not features_cfg.get("root"):
         return None
     root = resolve_location(str(features_cfg["root"]))
     views = int(features_cfg.get("views", 1))
-    expected = fingerprint_settings(encoder_cfg, tower, views, augment)
+    expected = fingerprint_settings(encoder_cfg, tower, views, augment, activations)
     sources = {s["name"] for s in dataset_cfg["sources"]} | {str(dataset_cfg["eval_source"])}
     roles = {}
     for source in sorted(sources):
@@ -226,7 +263,8 @@ def check_fingerprint(manifest: Mapping[str, Any], expected: Mapping[str, Any], 
     ]
     raise ValueError(
         f"{where}: the feature cache has fingerprint {manifest.get('fingerprint')} but this "
-        f"run's encoder config, weights, transforms and features.views give {want}; they "
+        f"run's encoder config, weights, transforms, features.views and the activations it "
+        f"reads give {want}; they "
         f"differ in: {'; '.join(differences)}. Rebuild the cache with tools/cache_features.py "
         "and the run's overrides, point features.root elsewhere, or set features.root=null."
     )

