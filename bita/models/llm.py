@@ -1,16 +1,21 @@
 """The prefix language model: a causal LM that reads the IFT queries as a soft visual prefix.
 
 Sequence layout (training and decoding alike):
-`[prefix (Q query vectors)] [bos] [prompt tokens] [caption tokens] ["\n"]`.
+`[prefix (Q query vectors)] [bos] [context] [prompt tokens] [caption tokens] ["\n"]`.
 The prompt and the caption are tokenised separately and the caption is given a leading space
 when a prompt precedes it, so "a photo of " + "many cars" is never glued into "ofmany" and the
 prompt tokens are the same at training and decoding time. "\n" ends a caption (BLIP-2/OPT
-convention), so decoding stops on it.
+convention), so decoding stops on it. The context is empty unless the model retrieves captions
+(`model.retrieval`): then it is each image's retrieved captions, each ended by "\n" as the LM
+stage taught it, and differs in length per image. Training pads rows on the right; decoding
+pads each row's text on its left (after the visual prefix), so every row's prompt ends at the
+last position; pads are masked and positions count real tokens only, so a token sits at the
+same position in both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,8 @@ BEAM_LOOPS = ("bita", "transformers")  # decode.beam_loop: whose loop writes cap
 # the searches the project's loop runs: (settings type, search), the first that applies wins
 SEARCHES = ((BeamRules, beam_search), (SampleRules, sample_search))
 IGNORE_INDEX = -100
+# each row's retrieved captions as LM token ids (`PrefixLM.context_ids`); None: no retrieval
+Contexts = Sequence[Sequence[int]] | None
 SPECIAL_TOKENS = {
     "pad_token": "<pad>",
     "bos_token": "</s>",
@@ -124,29 +131,60 @@ class PrefixLM(nn.Module):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def _heads(self, prompt: str, contexts: Contexts, rows: int) -> list[list[int]]:
+        """`[bos] context prompt` of each of `rows` rows (the same for all without contexts)."""
         body = self.tokenizer(prompt.rstrip(), add_special_tokens=False).input_ids if prompt else []
-        return [self.tokenizer.bos_token_id, *body]
+        bos = self.tokenizer.bos_token_id
+        if contexts is None:
+            return [[bos, *body]] * rows
+        if len(contexts) != rows:
+            raise ValueError(f"{len(contexts)} retrieved contexts for {rows} rows")
+        return [[bos, *context, *body] for context in contexts]
+
+    def context_ids(self, captions: Sequence[Sequence[str]], max_tokens: int) -> list[list[int]]:
+        """Each image's retrieved `captions` as the LM reads them after bos: each caption with a
+        leading space (as captions are tokenised everywhere), cut to `max_tokens` tokens, then
+        the caption-end token."""
+        flat = [" " + text for group in captions for text in group]
+        tokens = iter(self.tokenizer(flat, add_special_tokens=False).input_ids if flat else [])
+        end = self.caption_end_id
+        return [[t for _ in group for t in (*next(tokens)[:max_tokens], end)] for group in captions]
 
     def tokenize_captions(
-        self, captions: list[str], prompt: str, max_tokens: int
+        self, captions: list[str], prompt: str, max_tokens: int, contexts: Contexts = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded ids, attention mask and labels for `[bos] prompt caption "\n"`.
+        """Right-padded ids, attention mask and labels for `[bos] context prompt caption "\n"`.
 
         At most `max_tokens` caption tokens (including "\n") are kept; labels are -100 on bos,
-        prompt and padding."""
-        head = self._prompt_ids(prompt)
+        context, prompt and padding."""
+        heads = self._heads(prompt, contexts, len(captions))
         # every caption starts with a space, with or without a prompt, so its first word is the
         # same token in the lm stage, stage 2 and fine-tuning (byte-level BPE marks the space)
         bodies = self.tokenizer([" " + c for c in captions], add_special_tokens=False).input_ids
-        rows = [head + body[: max_tokens - 1] + [self.caption_end_id] for body in bodies]
+        rows = [
+            head + body[: max_tokens - 1] + [self.caption_end_id]
+            for head, body in zip(heads, bodies, strict=True)
+        ]
         pad = self.tokenizer.pad_token_id
         ids = pad_sequence([torch.tensor(r) for r in rows], batch_first=True, padding_value=pad)
+        positions = torch.arange(ids.shape[1])
         lengths = torch.tensor([len(r) for r in rows])
-        mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+        mask = (positions < lengths[:, None]).long()
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-        labels[:, : len(head)] = IGNORE_INDEX
+        head_lengths = torch.tensor([len(head) for head in heads])
+        labels[positions < head_lengths[:, None]] = IGNORE_INDEX
         return ids, mask, labels
+
+    def _check_length(self, tokens: int, what: str) -> None:
+        """OPT's learned positions end at `max_position_embeddings`; past it, a clear error
+        instead of an index error deep in the LM."""
+        limit = self.model.config.max_position_embeddings
+        if tokens > limit:
+            raise ValueError(
+                f"{what} needs {tokens} LM positions, llm.config.max_position_embeddings is "
+                f"{limit}: shorten the retrieved context (model.retrieval.k, "
+                "model.retrieval.max_tokens), model.max_lm_tokens or decode.max_new_tokens"
+            )
 
     def prefix_loss(
         self,
@@ -155,27 +193,42 @@ class PrefixLM(nn.Module):
         prompt: str = "",
         max_tokens: int = 32,
         *,
+        contexts: Contexts = None,
         label_smoothing: float = 0.0,
     ) -> torch.Tensor:
-        """Mean next-token cross-entropy over caption tokens, the prefix [B, Q, hidden] first
+        """Mean next-token cross-entropy over caption tokens, the prefix [B, Q, hidden] first,
+        each row's retrieved `contexts` (token ids, `context_ids`) after bos
         (`label_smoothing` as in `F.cross_entropy`)."""
-        logits, targets, _ = self._prefixed_logits(prefix, captions, prompt, max_tokens)
+        logits, targets, _ = self._prefixed_logits(prefix, captions, prompt, max_tokens, contexts)
         return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
     def caption_token_log_probs(
-        self, prefix: torch.Tensor, captions: list[str], prompt: str = "", max_tokens: int = 32
+        self,
+        prefix: torch.Tensor,
+        captions: list[str],
+        prompt: str = "",
+        max_tokens: int = 32,
+        contexts: Contexts = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probability of every caption token (the closing "\n" included) after its prefix,
         and the index of the caption each token belongs to: what a sequence-level reward
         weights in self-critical training."""
-        logits, targets, caption_index = self._prefixed_logits(prefix, captions, prompt, max_tokens)
+        logits, targets, caption_index = self._prefixed_logits(
+            prefix, captions, prompt, max_tokens, contexts
+        )
         log_probs = -F.cross_entropy(logits, targets, reduction="none")
         return log_probs, to_device(caption_index, log_probs.device)
 
     def _prefixed_logits(
-        self, prefix: torch.Tensor, captions: list[str], prompt: str, max_tokens: int
+        self,
+        prefix: torch.Tensor,
+        captions: list[str],
+        prompt: str,
+        max_tokens: int,
+        contexts: Contexts = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids, mask, labels = self.tokenize_captions(captions, prompt, max_tokens)
+        ids, mask, labels = self.tokenize_captions(captions, prompt, max_tokens, contexts)
+        self._check_length(prefix.shape[1] + ids.shape[1], "a training sequence")
         ids, mask = to_device(ids, prefix.device), to_device(mask, prefix.device)
         embeds = self._embed(ids)
         inputs = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
@@ -220,19 +273,21 @@ class PrefixLM(nn.Module):
         prompt: str = "",
         beam_loop: str = "bita",
         cuda_graph: bool = True,
+        contexts: Contexts = None,
         **decode: Any,
     ) -> list[str]:
-        """Decode captions for each prefix; stops at "\n" and returns stripped strings without
-        the prompt. `decode` holds transformers `generate` keywords. Beam search
-        (`bita.models.beam_search`) and sampling from the full distribution
-        (`bita.models.sampling`) run on the project's shared-prefix decoder, with a CUDA graph
-        per step when `cuda_graph`, unless `beam_loop="transformers"`; greedy search, top-k or
-        top-p sampling and a repetition penalty always use transformers' `generate`."""
+        """Decode captions for each prefix, after its retrieved `contexts` if given; stops at
+        "\n" and returns stripped strings without the prompt. `decode` holds transformers
+        `generate` keywords. Beam search (`bita.models.beam_search`) and sampling from the full
+        distribution (`bita.models.sampling`) run on the project's shared-prefix decoder, with a
+        CUDA graph per step when `cuda_graph`, unless `beam_loop="transformers"`; greedy
+        search, top-k or top-p sampling and a repetition penalty always use transformers'
+        `generate`."""
         if beam_loop not in BEAM_LOOPS:
             raise ValueError(f"decode.beam_loop={beam_loop!r}: expected one of {BEAM_LOOPS}")
-        head = torch.tensor([self._prompt_ids(prompt)], device=prefix.device)
-        embeds = self._embed(head).expand(prefix.shape[0], -1, -1)
-        inputs = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
+        inputs, mask = self._decoding_inputs(
+            prefix, prompt, contexts, decode.get("max_new_tokens", 0)
+        )
         search = None
         if beam_loop == "bita":
             search = next((s for s in SEARCHES if s[0].apply_to(decode)), None)
@@ -240,13 +295,15 @@ class PrefixLM(nn.Module):
             rules_type, run_search = search
             rules = rules_type.from_decode(decode, self.caption_end_id, self.tokenizer.pad_token_id)
             decoder, step = self._decoders.get(
-                self.model, inputs, rules.rows_per_image, rules.max_new_tokens, cuda_graph
+                self.model, inputs, rules.rows_per_image, rules.max_new_tokens, cuda_graph, mask
             )
-            out = run_search(decoder, step, inputs, rules)
+            out = run_search(decoder, step, inputs, rules, mask)
         else:
+            if mask is None:
+                mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=prefix.device)
             out = self.model.generate(
                 inputs_embeds=inputs,
-                attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long, device=prefix.device),
+                attention_mask=mask,
                 eos_token_id=self.caption_end_id,
                 pad_token_id=self.tokenizer.pad_token_id,
                 bos_token_id=self.tokenizer.bos_token_id,
@@ -254,6 +311,27 @@ class PrefixLM(nn.Module):
             )
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [t.split(CAPTION_END)[0].strip() for t in texts]
+
+    def _decoding_inputs(
+        self, prefix: torch.Tensor, prompt: str, contexts: Contexts, new_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The embedded `[prefix] [bos] context prompt` [B, P, hidden] decoding continues, and
+        its attention mask (None without contexts: nothing is padded). Rows whose contexts
+        differ in length have their text padded on the left, after the visual prefix, so that
+        every row ends at the last position."""
+        heads = self._heads(prompt, contexts, prefix.shape[0])
+        longest = max(len(head) for head in heads)
+        self._check_length(prefix.shape[1] + longest + new_tokens, "decoding a caption")
+        pads = torch.tensor([longest - len(head) for head in heads])
+        filler = [self.tokenizer.pad_token_id] * longest
+        ids = torch.tensor([filler[: longest - len(head)] + head for head in heads])
+        embeds = self._embed(to_device(ids, prefix.device))
+        inputs = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
+        if contexts is None:
+            return inputs, None
+        text_mask = (torch.arange(longest) >= pads[:, None]).long()
+        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long), text_mask], dim=1)
+        return inputs, to_device(mask, prefix.device)
 
     @torch.no_grad()
     def sample(
@@ -266,16 +344,19 @@ class PrefixLM(nn.Module):
         min_new_tokens: int = 1,
         temperature: float = 1.0,
         beam_loop: str = "bita",
+        contexts: Contexts = None,
     ) -> list[str]:
-        """`num_samples` captions per prefix drawn from the full next-token distribution (no
-        top-k or top-p cut, which would bias a policy gradient), the samples of a prefix
-        consecutive. Runs eagerly: `scst` puts the LM back in training after every draw, which
-        frees the decoder, so CUDA graphs would be captured again at every step."""
+        """`num_samples` captions per prefix (after its retrieved `contexts`, if given) drawn
+        from the full next-token distribution (no top-k or top-p cut, which would bias a policy
+        gradient), the samples of a prefix consecutive. Runs eagerly: `scst` puts the LM back in
+        training after every draw, which frees the decoder, so CUDA graphs would be captured
+        again at every step."""
         return self.generate(
             prefix,
             prompt,
             beam_loop=beam_loop,
             cuda_graph=False,
+            contexts=contexts,
             do_sample=True,
             num_beams=1,
             top_k=0,

@@ -16,6 +16,7 @@ from bita.engine.trainer import Trainer
 from bita.models.build import build_model
 from bita.models.trainable import set_trainable
 from bita.stages.context import StageContext
+from bita.stages.datastore import attach_datastore
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ def trainable_patterns(cfg: DictConfig) -> list[str]:
 
 
 def build_stage_model(ctx: StageContext) -> torch.nn.Module:
-    """Build the model for this stage, start it from `init_from` and set what trains."""
+    """Build the model for this stage, start it from `init_from`, give it its retrieval
+    datastore (`model.retrieval`) and set what trains."""
     model = build_model(model_config(ctx))
     if ctx.cfg.init_from:
         weights = Path(ctx.cfg.init_from) / "model.safetensors"
@@ -58,6 +60,7 @@ def build_stage_model(ctx: StageContext) -> torch.nn.Module:
             len(report.loaded),
             len(report.missing),
         )
+    attach_datastore(ctx, model)
     names = set_trainable(model, trainable_patterns(ctx.cfg))
     log.info("stage %s: %d trainable tensors", ctx.name, len(names))
     return model

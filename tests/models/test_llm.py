@@ -98,7 +98,7 @@ def test_beam_search_with_one_beam_equals_greedy(lm):
     torch.manual_seed(1)
     prefix = torch.randn(2, 3, lm.hidden_size)
     decoded = lm.generate(prefix, "a photo of ", num_beams=1, max_new_tokens=6, min_new_tokens=0)
-    head = torch.tensor([lm._prompt_ids("a photo of ")])
+    head = torch.tensor(lm._heads("a photo of ", None, 1))
     embed = lm.model.get_input_embeddings()
     for row, text in zip(prefix, decoded, strict=True):
         inputs, out = torch.cat([row[None], embed(head)], 1), []
