@@ -105,14 +105,15 @@ class Datastore:
             )
         self.fingerprint = fingerprint(self.settings)
         self._row = {image_id: row for row, image_id in enumerate(self.ids)}
-        self._keys_on: dict[tuple, torch.Tensor] = {}
+        self._keys_on: dict[torch.device, torch.Tensor] = {}
 
     def neighbour_captions(
         self, queries: torch.Tensor, k: int, exclude: Sequence[str | None] | None = None
     ) -> list[list[str]]:
         """The captions of the `k` entries nearest each query key [B, width] (nearest first),
         never the entry whose id is the query's `exclude[i]` (the image itself)."""
-        scores = queries @ self._on(queries.device, queries.dtype).T
+        with torch.autocast(queries.device.type, enabled=False):  # bf16 would tie neighbours
+            scores = queries.float() @ self._on(queries.device).T
         own = [(i, self._row.get(image_id)) for i, image_id in enumerate(exclude or [])]
         own = [(i, row) for i, row in own if row is not None]
         for index, row in own:
@@ -123,12 +124,11 @@ class Datastore:
         nearest = scores.topk(take, dim=1).indices.tolist()
         return [[self.captions[row] for row in rows] for rows in nearest]
 
-    def _on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The keys on `device` in `dtype`, copied once per place."""
-        place = (device, dtype)
-        if place not in self._keys_on:
-            self._keys_on[place] = self.keys.to(device=device, dtype=dtype)
-        return self._keys_on[place]
+    def _on(self, device: torch.device) -> torch.Tensor:
+        """The keys on `device` in float32, copied once per device."""
+        if device not in self._keys_on:
+            self._keys_on[device] = self.keys.to(device=device, dtype=torch.float32)
+        return self._keys_on[device]
 
     def save(self, folder: str | Path) -> Path:
         """Write the keys and the index (ids, captions, settings, fingerprint) into `folder`."""

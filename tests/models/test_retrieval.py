@@ -187,3 +187,14 @@ def test_retrieval_settings_are_checked_by_name(tiny_cfg):
             build_model(_retrieving_cfg(tiny_cfg, **{key: value}))
     with pytest.raises(ValueError, match="model.retrieval: unknown keys"):
         build_model(_retrieving_cfg(tiny_cfg, kk=2))
+
+
+def test_neighbours_are_ranked_in_float32_under_autocast():
+    """Training runs under bf16 autocast, whose 8-bit mantissa would tie close cosines."""
+    base = torch.randn(1, 64)
+    keys = torch.nn.functional.normalize(base + 0.02 * torch.randn(50, 64), dim=-1)
+    store = Datastore(keys.half(), [str(i) for i in range(50)], [str(i) for i in range(50)], {})
+    query = torch.nn.functional.normalize(base + 0.02 * torch.randn(1, 64), dim=-1)
+    plain = store.neighbour_captions(query, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert store.neighbour_captions(query, 10) == plain
