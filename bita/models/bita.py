@@ -165,6 +165,13 @@ class BITA(nn.Module):
         captions = self.datastore.neighbour_captions(keys, settings.k, image_ids)
         return self.llm.context_ids(captions, settings.max_tokens)
 
+    @property
+    def context_width(self) -> int:
+        """The longest retrieved context in LM tokens (k captions, each at most max_tokens and
+        its end token); 0 without retrieval. Decoding pads every batch to it."""
+        settings = self.settings.retrieval
+        return settings.k * (settings.max_tokens + 1) if settings.enabled else 0
+
     def query_outputs(self, image_tokens: torch.Tensor) -> torch.Tensor:
         queries = self.query_tokens.expand(image_tokens.shape[0], -1, -1)
         return self.ift.encode_queries(queries, image_tokens)
@@ -314,6 +321,7 @@ class BITA(nn.Module):
             prefix,
             prompt,
             contexts=contexts,
+            context_width=self.context_width,
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
@@ -432,8 +440,6 @@ class BITA(nn.Module):
             raise RuntimeError("this BITA was built without its LM: no 'lm' FLOPs")
         lm_params = sum(p.numel() for p in self.llm.parameters())
         lm_factor = 6 if any(p.requires_grad for p in self.llm.parameters()) else 4
-        tokens = cfg.num_queries + self.settings.max_lm_tokens
-        if self.settings.retrieval.enabled:  # at most k captions of max_tokens, each ended
-            tokens += self.settings.retrieval.k * (self.settings.retrieval.max_tokens + 1)
+        tokens = cfg.num_queries + self.settings.max_lm_tokens + self.context_width
         proj = 2 * self.llm_proj.weight.numel() * cfg.num_queries
         return tower + 3 * (queries + proj) + lm_factor * lm_params * tokens * captions_per_image

@@ -274,19 +274,21 @@ class PrefixLM(nn.Module):
         beam_loop: str = "bita",
         cuda_graph: bool = True,
         contexts: Contexts = None,
+        context_width: int = 0,
         **decode: Any,
     ) -> list[str]:
-        """Decode captions for each prefix, after its retrieved `contexts` if given; stops at
-        "\n" and returns stripped strings without the prompt. `decode` holds transformers
-        `generate` keywords. Beam search (`bita.models.beam_search`) and sampling from the full
-        distribution (`bita.models.sampling`) run on the project's shared-prefix decoder, with a
-        CUDA graph per step when `cuda_graph`, unless `beam_loop="transformers"`; greedy
-        search, top-k or top-p sampling and a repetition penalty always use transformers'
-        `generate`."""
+        """Decode captions for each prefix, after its retrieved `contexts` if given (padded to
+        at least `context_width` tokens, so that every batch has the same shape and reuses one
+        decoder and its CUDA graphs); stops at "\n" and returns stripped strings without the
+        prompt. `decode` holds transformers `generate` keywords. Beam search
+        (`bita.models.beam_search`) and sampling from the full distribution
+        (`bita.models.sampling`) run on the project's shared-prefix decoder, with a CUDA graph
+        per step when `cuda_graph`, unless `beam_loop="transformers"`; greedy search, top-k or
+        top-p sampling and a repetition penalty always use transformers' `generate`."""
         if beam_loop not in BEAM_LOOPS:
             raise ValueError(f"decode.beam_loop={beam_loop!r}: expected one of {BEAM_LOOPS}")
         inputs, mask = self._decoding_inputs(
-            prefix, prompt, contexts, decode.get("max_new_tokens", 0)
+            prefix, prompt, contexts, context_width, decode.get("max_new_tokens", 0)
         )
         search = None
         if beam_loop == "bita":
@@ -313,18 +315,24 @@ class PrefixLM(nn.Module):
         return [t.split(CAPTION_END)[0].strip() for t in texts]
 
     def _decoding_inputs(
-        self, prefix: torch.Tensor, prompt: str, contexts: Contexts, new_tokens: int
+        self,
+        prefix: torch.Tensor,
+        prompt: str,
+        contexts: Contexts,
+        context_width: int,
+        new_tokens: int,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The embedded `[prefix] [bos] context prompt` [B, P, hidden] decoding continues, and
-        its attention mask (None without contexts: nothing is padded). Rows whose contexts
-        differ in length have their text padded on the left, after the visual prefix, so that
-        every row ends at the last position."""
+        its attention mask (None without contexts: nothing is padded). Each row's text is
+        padded on its left, after the visual prefix, to the longest row or to a context of
+        `context_width` tokens, so that every row ends at the last position."""
         heads = self._heads(prompt, contexts, prefix.shape[0])
-        longest = max(len(head) for head in heads)
+        no_context = len(self._heads(prompt, None, 1)[0])
+        longest = max(no_context + context_width, *(len(head) for head in heads))
         self._check_length(prefix.shape[1] + longest + new_tokens, "decoding a caption")
         pads = torch.tensor([longest - len(head) for head in heads])
-        filler = [self.tokenizer.pad_token_id] * longest
-        ids = torch.tensor([filler[: longest - len(head)] + head for head in heads])
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (longest - len(head)) + head for head in heads])
         embeds = self._embed(to_device(ids, prefix.device))
         inputs = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
         if contexts is None:
@@ -345,8 +353,10 @@ class PrefixLM(nn.Module):
         temperature: float = 1.0,
         beam_loop: str = "bita",
         contexts: Contexts = None,
+        context_width: int = 0,
     ) -> list[str]:
-        """`num_samples` captions per prefix (after its retrieved `contexts`, if given) drawn
+        """`num_samples` captions per prefix (after its retrieved `contexts`, if given, padded
+        as `generate` pads them to `context_width`) drawn
         from the full next-token distribution (no top-k or top-p cut, which would bias a policy
         gradient), the samples of a prefix consecutive. Runs eagerly: `scst` puts the LM back in
         training after every draw, which frees the decoder, so CUDA graphs would be captured
@@ -357,6 +367,7 @@ class PrefixLM(nn.Module):
             beam_loop=beam_loop,
             cuda_graph=False,
             contexts=contexts,
+            context_width=context_width,
             do_sample=True,
             num_beams=1,
             top_k=0,

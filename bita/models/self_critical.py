@@ -68,6 +68,7 @@ def self_critical_loss(
             temperature=settings.temperature,
             beam_loop=settings.beam_loop,
             contexts=contexts,
+            context_width=model.context_width,
         )
     per_sample_refs = [refs for refs in references for _ in range(k)]
     rewards = settings.reward(captions, per_sample_refs).to(prefix.device).view(-1, k)

@@ -178,13 +178,18 @@ def test_retrieved_context_sits_after_bos_and_carries_no_labels(lm):
 def test_decoding_pads_each_rows_text_on_its_left_after_the_prefix(lm):
     contexts = lm.context_ids([["a river"], [], ["many cars are parked", "trees"]], 4)
     prefix = torch.randn(3, 2, lm.hidden_size)
-    inputs, mask = lm._decoding_inputs(prefix, "a photo of ", contexts, 6)
+    inputs, mask = lm._decoding_inputs(prefix, "a photo of ", contexts, 0, 6)
     heads = lm._heads("a photo of ", contexts, 3)
     longest = max(len(h) for h in heads)
     assert inputs.shape[1] == mask.shape[1] == 2 + longest
     assert (mask[:, :2] == 1).all() and (mask[:, -1] == 1).all()
     assert mask.sum(1).tolist() == [2 + len(h) for h in heads]
-    assert lm._decoding_inputs(prefix, "a photo of ", None, 6)[1] is None
+    assert lm._decoding_inputs(prefix, "a photo of ", None, 0, 6)[1] is None
+    wide, wide_mask = lm._decoding_inputs(prefix, "a photo of ", contexts, 30, 6)
+    assert (
+        wide.shape[1] == 2 + len(heads[1]) + 30
+        and wide_mask.sum(1).tolist() == mask.sum(1).tolist()
+    )
 
 
 def test_a_sequence_past_the_lms_positions_names_the_options(lm):

@@ -190,10 +190,11 @@ def test_both_loops_write_the_same_captions_after_per_image_contexts(caption_tok
             prefix, "a photo of ", beam_loop="transformers", contexts=contexts, **search
         )
         assert ours == theirs, seed
-        alone = [
-            lm.generate(prefix[i : i + 1], "a photo of ", contexts=[c], **search)[0]
+        alone = [  # padded further, to a fixed context width
+            lm.generate(prefix[i : i + 1], "a photo of ", contexts=[c], context_width=20, **search)
             for i, c in enumerate(contexts)
         ]
+        alone = [caption for (caption,) in alone]
         assert ours == alone, seed
         plain = lm.generate(prefix, "a photo of ", **search)
         changed += sum(a != b for a, b in zip(ours, plain, strict=True))
@@ -206,3 +207,15 @@ def test_both_loops_write_the_same_captions_after_per_image_contexts(caption_tok
         )
         assert samples == reference, seed
     assert changed > 0  # the contexts are read
+
+
+def test_batches_padded_to_one_context_width_share_one_decoder(caption_tokenizer):
+    """Retrieved contexts differ in length batch to batch; padded to the widest possible, every
+    batch has one shape, so the decoder (and on CUDA its graphs) is built once."""
+    lm = opt_lm(caption_tokenizer)
+    prefix = torch.randn(2, 3, lm.hidden_size)
+    search = {"num_beams": 2, "max_new_tokens": 4}
+    for retrieved in ([["a river"], ["trees"]], [["many cars are parked"], []]):
+        contexts = lm.context_ids(retrieved, max_tokens=5)
+        lm.generate(prefix, "a photo of ", contexts=contexts, context_width=6, **search)
+    assert len(lm._decoders.entries) == 1
