@@ -277,6 +277,20 @@ def _json_records(shards: list[Shard], skips: SkipLog) -> Iterator[_Raw]:
     return _parsed(samples, skips, members=None)
 
 
+def split_records(
+    dataset_cfg: Any, shard_set: ShardSet, *, split: str, skips: SkipLog
+) -> Iterator[_Raw]:
+    """Every sample of a split over all sources, in shard order, with view 0's member as its
+    payload: what an index over the split (the retrieval datastore) reads once. Samples that
+    do not parse go to ``skips`` with their key and shard."""
+    members = shard_set.members(0)
+    for own in _source_shards(dataset_cfg, shard_set, split).values():
+        samples = storage.tar_samples(
+            [{"url": s.path} for s in own], report=skips, select_files=_selector(members)
+        )
+        yield from _parsed(samples, skips, members)
+
+
 def caption_texts(dataset_cfg: Any, *, split: str, skips: SkipLog | None = None) -> list[str]:
     """All usable cleaned captions of a split over all sources, in shard order."""
     groups = caption_groups(dataset_cfg, split=split, skips=skips)

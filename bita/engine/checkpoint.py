@@ -466,10 +466,13 @@ def load_model(
     """Build the model a checkpoint describes and load its weights; returns (model, config).
 
     Frozen public weights come from their own sources (hub, pip packages) via the saved
-    config; only trainable / in_checkpoint weights come from the folder. `builder` defaults to
-    `bita.models.build.build_model`.
+    config; only trainable / in_checkpoint weights come from the folder; assets that must
+    match the loaded weights (a retrieval datastore) are attached after them
+    (`model.load_assets`). `builder` defaults to `bita.models.build.build_model`.
     """
     cfg = read_checkpoint_config(ckpt_dir)
     model = (builder or _default_builder())(cfg)
     load_weights(model, ckpt_dir)
+    if hasattr(model, "load_assets"):
+        model.load_assets(cfg)
     return model.to(device).eval(), cfg

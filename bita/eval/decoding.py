@@ -102,15 +102,18 @@ def caption_images(
     images: torch.Tensor | None,
     settings: DecodeSettings,
     features: torch.Tensor | None = None,
+    image_ids: list[str] | None = None,
 ) -> list[str]:
-    """Captions for one batch of normalised images [B,3,H,W], or of cached tower `features`."""
+    """Captions for one batch of normalised images [B,3,H,W], or of cached tower `features`;
+    a model that retrieves captions never retrieves those of `image_ids` (the images' own)."""
     device = model_device(model)
     inputs = images if features is None else features
-    tokens = model.image_tokens(
+    captions = model.caption(
         images=None if images is None else images.to(device),
         features=None if features is None else features.to(device),
+        image_ids=image_ids,
+        **settings.generate_kwargs(),
     )
-    captions = model.generate(tokens, **settings.generate_kwargs())
     if len(captions) != len(inputs):
         raise RuntimeError(f"model.generate returned {len(captions)} captions for {len(inputs)}")
     return [caption.strip() for caption in captions]
@@ -128,7 +131,11 @@ def decode_batches(
     with eval_mode(model):
         for batch in batches:
             captions = caption_images(
-                model, batch.get("image"), settings, features=batch.get("features")
+                model,
+                batch.get("image"),
+                settings,
+                features=batch.get("features"),
+                image_ids=batch["image_id"],
             )
             for index, caption in enumerate(captions):
                 yield {

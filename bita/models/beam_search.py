@@ -86,16 +86,21 @@ class _Beams:
 
 @torch.no_grad()
 def beam_search(
-    decoder: PrefixDecoder, step: Step, embeds: torch.Tensor, rules: BeamRules
+    decoder: PrefixDecoder,
+    step: Step,
+    embeds: torch.Tensor,
+    rules: BeamRules,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Token ids [B, max_new_tokens] of the best caption of each prefix in `embeds` [B, P, hidden],
-    padded with `rules.pad_id` after its end token. `step` is `decoder.step` or its graph."""
+    """Token ids [B, max_new_tokens] of the best caption of each prefix in `embeds` [B, P, hidden]
+    (padded where `mask` [B, P] is 0), padded with `rules.pad_id` after its end token. `step` is
+    `decoder.step` or its graph."""
     batch, beams, length = decoder.batch, decoder.beams, rules.max_new_tokens
     device = embeds.device
     state = _Beams.start(batch, beams, length, rules.pad_id, device)
     may_finish = torch.arange(2 * beams, device=device) < beams  # of the 2K candidates
     offsets = torch.arange(batch, device=device)[:, None] * beams
-    logits = decoder.prefill(embeds).repeat_interleave(beams, dim=0)
+    logits = decoder.prefill(embeds, mask).repeat_interleave(beams, dim=0)
     for position in range(length):
         log_probs = torch.log_softmax(logits, dim=-1)
         if position < rules.min_new_tokens:

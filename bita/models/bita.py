@@ -3,7 +3,8 @@
 Stage 1 trains the IFT with the image–text contrastive loss (`itc_loss`); stage 2 and
 fine-tuning feed the query outputs through `llm_proj` as a soft prefix to the frozen LM
 (`lm_loss`, `generate`). Which parameters train is decided by `set_trainable` from the stage
-config, not here.
+config, not here. With `model.retrieval` the LM also reads, after the prefix, the captions of
+the image's nearest training images from an attached datastore (bita/models/retrieval.py).
 """
 
 from __future__ import annotations
@@ -20,8 +21,16 @@ from torch import nn
 
 from bita.models.encoders import FrozenImageEncoder, ImagePreprocess
 from bita.models.ift import IFT
-from bita.models.llm import PrefixLM, to_device
+from bita.models.llm import Contexts, PrefixLM, to_device
 from bita.models.losses import contrastive_loss
+from bita.models.retrieval import (
+    Datastore,
+    RetrievalSettings,
+    check_datastore,
+    datastore_settings,
+    retrieval_keys,
+    tower_key_settings,
+)
 from bita.models.self_critical import SelfCritical, self_critical_loss
 
 # BITA's own parts: always in its checkpoint (small, trained by this project)
@@ -42,6 +51,7 @@ class ModelSettings:
     lm_label_smoothing: float = 0.0
     temp_init: float = 0.07
     temp_range: tuple[float, float] = (0.001, 0.5)
+    retrieval: RetrievalSettings = RetrievalSettings()
 
     @classmethod
     def from_cfg(cls, cfg: Mapping[str, Any]) -> ModelSettings:
@@ -51,6 +61,12 @@ class ModelSettings:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"model: unknown keys {sorted(unknown)}")
+        if "retrieval" in values:
+            retrieval = dict(values["retrieval"] or {})
+            unknown = set(retrieval) - set(RetrievalSettings.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"model.retrieval: unknown keys {sorted(unknown)}")
+            values["retrieval"] = RetrievalSettings(**retrieval)
         return cls(**values)
 
 
@@ -97,6 +113,7 @@ class BITA(nn.Module):
         self.llm = llm
         self.llm_proj = nn.Linear(hidden, llm.hidden_size) if llm is not None else None
         self.lm_assets = lm_assets
+        self.datastore: Datastore | None = None  # model.retrieval's, attached by use_datastore
         self._checkpointed = set(OWN_PARTS)
         if encoder_in_checkpoint:
             self._checkpointed.add("encoder")
@@ -112,15 +129,52 @@ class BITA(nn.Module):
         """Frozen tower output (what a feature cache stores)."""
         return self.encoder(images)
 
-    def image_tokens(
+    def tower_tokens(
         self, images: torch.Tensor | None = None, features: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Tower output (or cached `features`) through the trainable fp32 `ln_vision`."""
+        """The tower's output: cached `features` as they are, or `images` through the tower."""
         if features is None:
             if images is None:
                 raise ValueError("image_tokens needs images or features")
             features = self.encode_images(images)
-        return self.ln_vision(features.float())
+        return features
+
+    def image_tokens(
+        self, images: torch.Tensor | None = None, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Tower output (or cached `features`) through the trainable fp32 `ln_vision`."""
+        return self.ln_vision(self.tower_tokens(images, features).float())
+
+    def use_datastore(self, datastore: Datastore, expected: Mapping[str, Any]) -> None:
+        """Attach the datastore `model.retrieval` reads, after checking it was built for what
+        `expected` (`datastore_settings`) describes: this model's tower and training data."""
+        check_datastore(datastore, expected, "model.retrieval.datastore")
+        self.datastore = datastore
+
+    def retrieved_contexts(
+        self, tower_tokens: torch.Tensor, image_ids: list[str] | None = None
+    ) -> Contexts:
+        """The LM token ids of the captions of each image's `model.retrieval.k` nearest
+        training images (None when retrieval is off); an image never retrieves its own entry
+        (`image_ids`), which is what keeps training honest."""
+        settings = self.settings.retrieval
+        if not settings.enabled:
+            return None
+        if self.datastore is None:
+            raise RuntimeError(
+                "model.retrieval.enabled but no datastore is attached: the training stages "
+                "build one, and checkpoints trained with retrieval carry it in assets/retrieval"
+            )
+        keys = retrieval_keys(tower_tokens)
+        captions = self.datastore.neighbour_captions(keys, settings.k, image_ids)
+        return self.llm.context_ids(captions, settings.max_tokens)
+
+    @property
+    def context_width(self) -> int:
+        """The longest retrieved context in LM tokens (k captions, each at most max_tokens and
+        its end token); 0 without retrieval. Decoding pads every batch to it."""
+        settings = self.settings.retrieval
+        return settings.k * (settings.max_tokens + 1) if settings.enabled else 0
 
     def query_outputs(self, image_tokens: torch.Tensor) -> torch.Tensor:
         queries = self.query_tokens.expand(image_tokens.shape[0], -1, -1)
@@ -164,19 +218,25 @@ class BITA(nn.Module):
         `self_critical` says).
 
         Training goes through `forward` so that DeepSpeed ZeRO-3 gathers this module's own
-        parameters (`query_tokens`, `temp`) before they are used.
+        parameters (`query_tokens`, `temp`) before they are used. With `model.retrieval` the
+        LM objectives read the captions retrieved for each image, never its own
+        (`batch["image_id"]`).
         """
-        tokens = self.image_tokens(images=batch.get("image"), features=batch.get("features"))
+        tower = self.tower_tokens(images=batch.get("image"), features=batch.get("features"))
+        tokens = self.ln_vision(tower.float())
         if objective == "itc":
             return self.itc_loss(tokens, batch["caption"])
+        contexts = self.retrieved_contexts(tower, batch.get("image_id"))
         if objective == "lm" and "references" in batch:
-            return self.lm_loss_per_image(tokens, batch["references"], prompt)
+            return self.lm_loss_per_image(tokens, batch["references"], prompt, contexts)
         if objective == "lm":
-            return self.lm_loss(tokens, batch["caption"], prompt)
+            return self.lm_loss(tokens, batch["caption"], prompt, contexts)
         if objective == "scst":
             if self_critical is None:
                 raise ValueError("objective 'scst' needs self_critical settings and a reward")
-            return self_critical_loss(self, tokens, batch["references"], prompt, self_critical)
+            return self_critical_loss(
+                self, tokens, batch["references"], prompt, self_critical, contexts
+            )
         raise ValueError(f"objective must be 'itc', 'lm' or 'scst', got {objective!r}")
 
     def lm_prefix(self, image_tokens: torch.Tensor) -> torch.Tensor:
@@ -186,36 +246,66 @@ class BITA(nn.Module):
         return self.llm_proj(self.query_outputs(image_tokens))
 
     def lm_loss(
-        self, image_tokens: torch.Tensor, captions: list[str], prompt: str = ""
+        self,
+        image_tokens: torch.Tensor,
+        captions: list[str],
+        prompt: str = "",
+        contexts: Contexts = None,
     ) -> dict[str, torch.Tensor]:
-        """Prefix-LM loss on `[prefix][bos][prompt] caption "\n"` (labels only on the caption)."""
+        """Prefix-LM loss on `[prefix][bos][context][prompt] caption "\n"` (labels only on the
+        caption), `contexts` being each row's retrieved captions (`retrieved_contexts`)."""
         prefix = self.lm_prefix(image_tokens)
-        return {"loss": self._prefix_loss(prefix, captions, prompt)}
+        return {"loss": self._prefix_loss(prefix, captions, prompt, contexts)}
 
     def lm_loss_per_image(
-        self, image_tokens: torch.Tensor, references: list[list[str]], prompt: str = ""
+        self,
+        image_tokens: torch.Tensor,
+        references: list[list[str]],
+        prompt: str = "",
+        contexts: Contexts = None,
     ) -> dict[str, torch.Tensor]:
         """Prefix-LM loss on every reference of every image, the query path run once per image
         (rather than once per caption, which costs ~30 % of a small-preset fine-tune step)."""
         counts = torch.tensor([len(refs) for refs in references], device=image_tokens.device)
         prefix = self.lm_prefix(image_tokens).repeat_interleave(counts, dim=0)
         captions = [caption for refs in references for caption in refs]
-        return {"loss": self._prefix_loss(prefix, captions, prompt)}
+        if contexts is not None:
+            contexts = [c for c, refs in zip(contexts, references, strict=True) for _ in refs]
+        return {"loss": self._prefix_loss(prefix, captions, prompt, contexts)}
 
-    def _prefix_loss(self, prefix: torch.Tensor, captions: list[str], prompt: str) -> torch.Tensor:
+    def _prefix_loss(
+        self, prefix: torch.Tensor, captions: list[str], prompt: str, contexts: Contexts
+    ) -> torch.Tensor:
         return self.llm.prefix_loss(
             prefix,
             captions,
             prompt,
             self.settings.max_lm_tokens,
+            contexts=contexts,
             label_smoothing=self.settings.lm_label_smoothing,
         )
+
+    @torch.no_grad()
+    def caption(
+        self,
+        images: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        image_ids: list[str] | None = None,
+        **decode: Any,
+    ) -> list[str]:
+        """One caption per image (or cached tower `features`), `generate`'s `decode` settings;
+        with `model.retrieval`, after the captions retrieved for it (never those of the
+        datastore entry whose id is in `image_ids`)."""
+        tower = self.tower_tokens(images, features)
+        contexts = self.retrieved_contexts(tower, image_ids)
+        return self.generate(self.ln_vision(tower.float()), contexts=contexts, **decode)
 
     @torch.no_grad()
     def generate(
         self,
         image_tokens: torch.Tensor,
         *,
+        contexts: Contexts = None,
         prompt: str = "a photo of ",
         num_beams: int = 5,
         max_new_tokens: int = 22,
@@ -230,12 +320,20 @@ class BITA(nn.Module):
     ) -> list[str]:
         """One caption per image (SPEC §3 defaults): beam search, stop at "\n", stripped;
         `beam_loop` and `cuda_graph` choose how it runs (`PrefixLM.generate`), not what it
-        writes."""
+        writes. A model with `model.retrieval` needs the `contexts` (`retrieved_contexts`;
+        `caption` does it all)."""
+        if self.settings.retrieval.enabled and contexts is None:
+            raise ValueError(
+                "this model reads retrieved captions (model.retrieval.enabled): pass contexts "
+                "from retrieved_contexts, or caption the images with BITA.caption"
+            )
         sampling = {"top_p": top_p, "temperature": temperature} if do_sample else {}
         prefix = self.lm_prefix(image_tokens)
         return self.llm.generate(
             prefix,
             prompt,
+            contexts=contexts,
+            context_width=self.context_width,
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
@@ -284,16 +382,44 @@ class BITA(nn.Module):
 
     def export_assets(self, folder: str | Path) -> dict[str, str]:
         """Copy what rebuilding this model needs besides weights (the project-trained LM's
-        tokenizer and config, its weights too unless they are in the checkpoint) into `folder`.
+        tokenizer and config, its weights too unless they are in the checkpoint; the retrieval
+        datastore) into `folder`.
 
         Returns config overrides whose paths are relative to `folder`'s parent (the checkpoint
         directory)."""
-        if self.llm is None or not self.lm_assets.export:
-            return {}
         folder = Path(folder)
-        self.llm.save_pretrained(folder / "llm", weights=not self.lm_assets.in_checkpoint)
-        relative = f"{folder.name}/llm"
-        return {"llm.pretrained": relative, "llm.tokenizer": relative}
+        overrides = {}
+        if self.llm is not None and self.lm_assets.export:
+            self.llm.save_pretrained(folder / "llm", weights=not self.lm_assets.in_checkpoint)
+            relative = f"{folder.name}/llm"
+            overrides |= {"llm.pretrained": relative, "llm.tokenizer": relative}
+        if self.datastore is not None:
+            self.datastore.save(folder / "retrieval")
+            overrides["model.retrieval.datastore"] = f"{folder.name}/retrieval"
+        return overrides
+
+    def load_assets(self, cfg: Mapping[str, Any]) -> None:
+        """Attach the retrieval datastore of a checkpoint trained with `model.retrieval`, once
+        its weights are loaded (an adapted tower comes with them): refused unless it is the one
+        the checkpoint records (`model.retrieval.fingerprint`) and was built with this tower."""
+        settings = self.settings.retrieval
+        if not settings.enabled:
+            return
+        if not settings.datastore:
+            raise ValueError(
+                "model.retrieval.enabled but model.retrieval.datastore is not set: a checkpoint "
+                "trained with retrieval carries its datastore in assets/retrieval"
+            )
+        store = Datastore.load(settings.datastore)
+        if store.fingerprint != settings.fingerprint:
+            raise ValueError(
+                f"{settings.datastore}: the retrieval datastore has fingerprint "
+                f"{store.fingerprint}, but the model was trained with {settings.fingerprint} "
+                "(model.retrieval.fingerprint): it was built for another checkpoint"
+            )
+        tower = tower_key_settings(cfg["encoder"], self.encoder)
+        data = store.settings["data"]  # the recorded fingerprint vouches for it
+        self.use_datastore(store, datastore_settings(tower, settings.caption, data))
 
     def _count(self, module: nn.Module, *patterns: str) -> int:
         return sum(
@@ -328,7 +454,7 @@ class BITA(nn.Module):
             raise RuntimeError("this BITA was built without its LM: no 'lm' FLOPs")
         lm_params = sum(p.numel() for p in self.llm.parameters())
         lm_factor = 6 if any(p.requires_grad for p in self.llm.parameters()) else 4
-        tokens = cfg.num_queries + self.settings.max_lm_tokens
+        tokens = cfg.num_queries + self.settings.max_lm_tokens + self.context_width
         proj = 2 * self.llm_proj.weight.numel() * cfg.num_queries
         return tower + 3 * (queries + proj) + lm_factor * lm_params * tokens * captions_per_image
 

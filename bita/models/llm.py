@@ -1,16 +1,21 @@
 """The prefix language model: a causal LM that reads the IFT queries as a soft visual prefix.
 
 Sequence layout (training and decoding alike):
-`[prefix (Q query vectors)] [bos] [prompt tokens] [caption tokens] ["\n"]`.
+`[prefix (Q query vectors)] [bos] [context] [prompt tokens] [caption tokens] ["\n"]`.
 The prompt and the caption are tokenised separately and the caption is given a leading space
 when a prompt precedes it, so "a photo of " + "many cars" is never glued into "ofmany" and the
 prompt tokens are the same at training and decoding time. "\n" ends a caption (BLIP-2/OPT
-convention), so decoding stops on it.
+convention), so decoding stops on it. The context is empty unless the model retrieves captions
+(`model.retrieval`): then it is each image's retrieved captions, each ended by "\n" as the LM
+stage taught it, and differs in length per image. Training pads rows on the right; decoding
+pads each row's text on its left (after the visual prefix), so every row's prompt ends at the
+last position; pads are masked and positions count real tokens only, so a token sits at the
+same position in both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,8 @@ BEAM_LOOPS = ("bita", "transformers")  # decode.beam_loop: whose loop writes cap
 SEARCHES = ((BeamRules, beam_search), (SampleRules, sample_search))
 IGNORE_INDEX = -100
 STAND_IN = "standin"  # llm.tokenizer value: `stand_in_tokenizer()`, for random-weight builds
+# each row's retrieved captions as LM token ids (`PrefixLM.context_ids`); None: no retrieval
+Contexts = Sequence[Sequence[int]] | None
 SPECIAL_TOKENS = {
     "pad_token": "<pad>",
     "bos_token": "</s>",
@@ -146,40 +153,66 @@ class PrefixLM(nn.Module):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def _heads(self, prompt: str, contexts: Contexts, rows: int) -> list[list[int]]:
+        """`[bos] context prompt` of each of `rows` rows (the same for all without contexts)."""
         body = self.tokenizer(prompt.rstrip(), add_special_tokens=False).input_ids if prompt else []
-        return [self.tokenizer.bos_token_id, *body]
+        bos = self.tokenizer.bos_token_id
+        if contexts is None:
+            return [[bos, *body]] * rows
+        if len(contexts) != rows:
+            raise ValueError(f"{len(contexts)} retrieved contexts for {rows} rows")
+        return [[bos, *context, *body] for context in contexts]
+
+    def context_ids(self, captions: Sequence[Sequence[str]], max_tokens: int) -> list[list[int]]:
+        """Each image's retrieved `captions` as the LM reads them after bos: each caption with a
+        leading space (as captions are tokenised everywhere), cut to `max_tokens` tokens, then
+        the caption-end token."""
+        flat = [" " + text for group in captions for text in group]
+        tokens = iter(self.tokenizer(flat, add_special_tokens=False).input_ids if flat else [])
+        end = self.caption_end_id
+        return [[t for _ in group for t in (*next(tokens)[:max_tokens], end)] for group in captions]
 
     def tokenize_captions(
-        self, captions: list[str], prompt: str, max_tokens: int
+        self, captions: list[str], prompt: str, max_tokens: int, contexts: Contexts = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded ids, attention mask and labels for `[bos] prompt caption "\n"`.
+        """Right-padded ids, attention mask and labels for `[bos] context prompt caption "\n"`.
 
         At most `max_tokens` caption tokens (including "\n") are kept; labels are -100 on bos,
-        prompt and padding."""
+        context, prompt and padding."""
         # every caption starts with a space, with or without a prompt, so its first word is the
         # same token in the lm stage, stage 2 and fine-tuning (byte-level BPE marks the space)
         bodies = self.tokenizer([" " + c for c in captions], add_special_tokens=False).input_ids
-        return self._labelled_rows(
-            [body[: max_tokens - 1] + [self.caption_end_id] for body in bodies], prompt
-        )
+        rows = [body[: max_tokens - 1] + [self.caption_end_id] for body in bodies]
+        return self._labelled_rows(rows, self._heads(prompt, contexts, len(rows)))
 
     def _labelled_rows(
-        self, rows: list[list[int]], prompt: str
+        self, rows: list[list[int]], heads: list[list[int]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`[bos] prompt row` for each row of token ids, right-padded: ids, attention mask and
-        labels (-100 on bos, prompt and padding)."""
-        head = self._prompt_ids(prompt)
-        sequences = [head + row for row in rows]
+        """`head row` for each row of token ids and its head (`_heads`), right-padded: ids,
+        attention mask and labels (-100 on the head and padding)."""
+        sequences = [head + row for head, row in zip(heads, rows, strict=True)]
         pad = self.tokenizer.pad_token_id
         ids = pad_sequence(
             [torch.tensor(r) for r in sequences], batch_first=True, padding_value=pad
         )
+        positions = torch.arange(ids.shape[1])
         lengths = torch.tensor([len(r) for r in sequences])
-        mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+        mask = (positions < lengths[:, None]).long()
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-        labels[:, : len(head)] = IGNORE_INDEX
+        head_lengths = torch.tensor([len(head) for head in heads])
+        labels[positions < head_lengths[:, None]] = IGNORE_INDEX
         return ids, mask, labels
+
+    def _check_length(self, tokens: int, what: str) -> None:
+        """OPT's learned positions end at `max_position_embeddings`; past it, a clear error
+        instead of an index error deep in the LM."""
+        limit = self.model.config.max_position_embeddings
+        if tokens > limit:
+            raise ValueError(
+                f"{what} needs {tokens} LM positions, llm.config.max_position_embeddings is "
+                f"{limit}: shorten the retrieved context (model.retrieval.k, "
+                "model.retrieval.max_tokens), model.max_lm_tokens or decode.max_new_tokens"
+            )
 
     def prefix_loss(
         self,
@@ -188,35 +221,47 @@ class PrefixLM(nn.Module):
         prompt: str = "",
         max_tokens: int = 32,
         *,
+        contexts: Contexts = None,
         label_smoothing: float = 0.0,
     ) -> torch.Tensor:
-        """Mean next-token cross-entropy over caption tokens, the prefix [B, Q, hidden] first
+        """Mean next-token cross-entropy over caption tokens, the prefix [B, Q, hidden] first,
+        each row's retrieved `contexts` (token ids, `context_ids`) after bos
         (`label_smoothing` as in `F.cross_entropy`)."""
-        logits, targets, _ = self._prefixed_logits(prefix, captions, prompt, max_tokens)
+        logits, targets, _ = self._prefixed_logits(prefix, captions, prompt, max_tokens, contexts)
         return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
     def token_log_probs(
-        self, prefix: torch.Tensor, rows: list[list[int]], prompt: str = ""
+        self,
+        prefix: torch.Tensor,
+        rows: list[list[int]],
+        prompt: str = "",
+        contexts: Contexts = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probability of every token of each row of ids after its prefix and prompt, and
-        the index of the row each token belongs to: what a sequence-level reward weights in
-        self-critical training. The rows are the ids as drawn (`SampledCaptions.token_ids`), not
-        their text tokenised again, which could give another split of the same text or add an
-        end token a sample cut at `max_new_tokens` never drew."""
-        ids, mask, labels = self._labelled_rows(rows, prompt)
+        """Log-probability of every token of each row of ids after its prefix, retrieved
+        `contexts` and prompt, and the index of the row each token belongs to: what a
+        sequence-level reward weights in self-critical training. The rows are the ids as drawn
+        (`SampledCaptions.token_ids`), not their text tokenised again, which could give another
+        split of the same text or add an end token a sample cut at `max_new_tokens` never drew."""
+        ids, mask, labels = self._labelled_rows(rows, self._heads(prompt, contexts, len(rows)))
         logits, targets, row_index = self._logits_after_prefix(prefix, ids, mask, labels)
         log_probs = -F.cross_entropy(logits, targets, reduction="none")
         return log_probs, to_device(row_index, log_probs.device)
 
     def _prefixed_logits(
-        self, prefix: torch.Tensor, captions: list[str], prompt: str, max_tokens: int
+        self,
+        prefix: torch.Tensor,
+        captions: list[str],
+        prompt: str,
+        max_tokens: int,
+        contexts: Contexts = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids, mask, labels = self.tokenize_captions(captions, prompt, max_tokens)
+        ids, mask, labels = self.tokenize_captions(captions, prompt, max_tokens, contexts)
         return self._logits_after_prefix(prefix, ids, mask, labels)
 
     def _logits_after_prefix(
         self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self._check_length(prefix.shape[1] + ids.shape[1], "a training sequence")
         ids, mask = to_device(ids, prefix.device), to_device(mask, prefix.device)
         embeds = self._embed(ids)
         inputs = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
@@ -261,26 +306,40 @@ class PrefixLM(nn.Module):
         prompt: str = "",
         beam_loop: str = "bita",
         cuda_graph: bool = True,
+        contexts: Contexts = None,
+        context_width: int = 0,
         **decode: Any,
     ) -> list[str]:
-        """Decode captions for each prefix; stops at "\n" and returns stripped strings without
-        the prompt. `decode` holds transformers `generate` keywords. Beam search
+        """Decode captions for each prefix, after its retrieved `contexts` if given (padded to
+        at least `context_width` tokens, so that every batch has the same shape and reuses one
+        decoder and its CUDA graphs); stops at "\n" and returns stripped strings without the
+        prompt. `decode` holds transformers `generate` keywords. Beam search
         (`bita.models.beam_search`) and sampling from the full distribution
         (`bita.models.sampling`) run on the project's shared-prefix decoder, with a CUDA graph
         per step when `cuda_graph`, unless `beam_loop="transformers"`; greedy search, top-k or
         top-p sampling and a repetition penalty always use transformers' `generate`."""
-        return self._texts(self._generate_ids(prefix, prompt, beam_loop, cuda_graph, **decode))
+        ids = self._generate_ids(
+            prefix, prompt, beam_loop, cuda_graph, contexts, context_width, **decode
+        )
+        return self._texts(ids)
 
     def _generate_ids(
-        self, prefix: torch.Tensor, prompt: str, beam_loop: str, cuda_graph: bool, **decode: Any
+        self,
+        prefix: torch.Tensor,
+        prompt: str,
+        beam_loop: str,
+        cuda_graph: bool,
+        contexts: Contexts,
+        context_width: int,
+        **decode: Any,
     ) -> torch.Tensor:
         """The new token ids [rows, <= max_new_tokens] of `generate`, each row padded after its
         end token."""
         if beam_loop not in BEAM_LOOPS:
             raise ValueError(f"decode.beam_loop={beam_loop!r}: expected one of {BEAM_LOOPS}")
-        head = torch.tensor([self._prompt_ids(prompt)], device=prefix.device)
-        embeds = self._embed(head).expand(prefix.shape[0], -1, -1)
-        inputs = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
+        inputs, mask = self._decoding_inputs(
+            prefix, prompt, contexts, context_width, decode.get("max_new_tokens", 0)
+        )
         search = None
         if beam_loop == "bita":
             search = next((s for s in SEARCHES if s[0].apply_to(decode)), None)
@@ -288,19 +347,19 @@ class PrefixLM(nn.Module):
             rules_type, run_search = search
             rules = rules_type.from_decode(decode, self.caption_end_id, self.tokenizer.pad_token_id)
             decoder, step = self._decoders.get(
-                self.model, inputs, rules.rows_per_image, rules.max_new_tokens, cuda_graph
+                self.model, inputs, rules.rows_per_image, rules.max_new_tokens, cuda_graph, mask
             )
-            out = run_search(decoder, step, inputs, rules)
-        else:
-            out = self.model.generate(
-                inputs_embeds=inputs,
-                attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long, device=prefix.device),
-                eos_token_id=self.caption_end_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-                bos_token_id=self.tokenizer.bos_token_id,
-                **decode,
-            )
-        return out
+            return run_search(decoder, step, inputs, rules, mask)
+        if mask is None:
+            mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=prefix.device)
+        return self.model.generate(
+            inputs_embeds=inputs,
+            attention_mask=mask,
+            eos_token_id=self.caption_end_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            **decode,
+        )
 
     def _texts(self, ids: torch.Tensor) -> list[str]:
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -313,6 +372,33 @@ class PrefixLM(nn.Module):
             return row[: row.index(self.caption_end_id) + 1]
         return row
 
+    def _decoding_inputs(
+        self,
+        prefix: torch.Tensor,
+        prompt: str,
+        contexts: Contexts,
+        context_width: int,
+        new_tokens: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The embedded `[prefix] [bos] context prompt` [B, P, hidden] decoding continues, and
+        its attention mask (None without contexts: nothing is padded). Each row's text is
+        padded on its left, after the visual prefix, to the longest row or to a context of
+        `context_width` tokens, so that every row ends at the last position."""
+        heads = self._heads(prompt, contexts, prefix.shape[0])
+        no_context = len(self._heads(prompt, None, 1)[0])
+        longest = max(no_context + context_width, *(len(head) for head in heads))
+        self._check_length(prefix.shape[1] + longest + new_tokens, "decoding a caption")
+        pads = torch.tensor([longest - len(head) for head in heads])
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (longest - len(head)) + head for head in heads])
+        embeds = self._embed(to_device(ids, prefix.device))
+        inputs = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
+        if contexts is None:
+            return inputs, None
+        text_mask = (torch.arange(longest) >= pads[:, None]).long()
+        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long), text_mask], dim=1)
+        return inputs, to_device(mask, prefix.device)
+
     @torch.no_grad()
     def sample(
         self,
@@ -324,9 +410,12 @@ class PrefixLM(nn.Module):
         min_new_tokens: int = 1,
         temperature: float = 1.0,
         beam_loop: str = "bita",
+        contexts: Contexts = None,
+        context_width: int = 0,
     ) -> SampledCaptions:
-        """`num_samples` captions per prefix drawn from the full next-token distribution (no
-        top-k or top-p cut, which would bias a policy gradient), the samples of a prefix
+        """`num_samples` captions per prefix (after its retrieved `contexts`, if given, padded
+        as `generate` pads them to `context_width`) drawn from the full next-token distribution
+        (no top-k or top-p cut, which would bias a policy gradient), the samples of a prefix
         consecutive, as token ids and text. Runs eagerly: `scst` puts the LM back in training
         after every draw, which frees the decoder, so CUDA graphs would be captured again at
         every step."""
@@ -335,6 +424,8 @@ class PrefixLM(nn.Module):
             prompt,
             beam_loop,
             False,
+            contexts,
+            context_width,
             do_sample=True,
             num_beams=1,
             top_k=0,

@@ -13,6 +13,11 @@ without the ~1,000 kernel launches from Python that bound captioning before.
 The weights are the transformers OPT modules' own; this module only wires them (the same
 operations as `OPTDecoderLayer.forward` in eval mode), which tests check against the LM's
 logits and against `generate`.
+
+Prefixes of different lengths (each image's retrieved captions, `model.retrieval`) come padded
+with an attention mask: a padded decoder masks the padding in the prefix cache and counts each
+row's positions over its real tokens, as OPT does from the attention mask, so a row decodes as
+it would alone.
 """
 
 from __future__ import annotations
@@ -34,13 +39,23 @@ class PrefixDecoder:
     graphs stay valid: the prefix keys/values [layers, 2, B, heads, P, head_dim], and two of
     [layers, 2, B*K, heads, T, head_dim] for the T new tokens' (the step for token n reads
     tokens 0..n-1 from one, in the beams' new order, and writes them and token n to the other).
+    A `padded` decoder also keeps, written by `prefill`, which prefix positions are real [B, P]
+    and where each row's new tokens start [B*K].
     """
 
-    def __init__(self, lm: nn.Module, batch: int, beams: int, prefix_len: int, new_tokens: int):
+    def __init__(
+        self,
+        lm: nn.Module,
+        batch: int,
+        beams: int,
+        prefix_len: int,
+        new_tokens: int,
+        padded: bool = False,
+    ):
         decoder = lm.model.decoder
         self.lm, self.decoder, self.layers = lm, decoder, list(decoder.layers)
         self.batch, self.beams = batch, beams
-        self.prefix_len, self.new_tokens = prefix_len, new_tokens
+        self.prefix_len, self.new_tokens, self.padded = prefix_len, new_tokens, padded
         attn = self.layers[0].self_attn
         self.heads, self.head_dim, self.scaling = attn.num_heads, attn.head_dim, attn.scaling
         weight = decoder.embed_tokens.weight
@@ -53,18 +68,41 @@ class PrefixDecoder:
             torch.zeros(layers, 2, batch * beams, self.heads, new_tokens, self.head_dim, **buffer)
             for _ in range(2)
         )
+        device = weight.device
+        self.prefix_real = torch.ones(batch, prefix_len, dtype=torch.bool, device=device)
+        self.first_new_position = torch.full((batch * beams,), prefix_len, device=device)
+        self._prefill_mask: torch.Tensor | None = None
 
     @torch.no_grad()
-    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the prefix [B, P, hidden] once per image, fill the prefix cache, return the
-        next-token logits [B, vocab] at its last position."""
+        next-token logits [B, vocab] at its last position, which must be real. `mask` [B, P]
+        (1 = real, 0 = padding) is required by a padded decoder and refused by another."""
+        if (mask is not None) != self.padded:
+            raise ValueError(f"a decoder built with padded={self.padded} got mask={mask}")
+        positions = slice(0, self.prefix_len)
+        if mask is not None:
+            positions = self._take_padding(mask.bool())
         with self._precision():
-            hidden = self._input(embeds.to(self.prefix_cache.dtype), slice(0, self.prefix_len))
+            hidden = self._input(embeds.to(self.prefix_cache.dtype), positions)
             for index, layer in enumerate(self.layers):
                 hidden = self._layer(
                     layer, hidden, lambda q, k, v, i=index: self._prefill_attn(i, q, k, v)
                 )
             return self._logits(hidden[:, -1])
+
+    def _take_padding(self, real: torch.Tensor) -> torch.Tensor:
+        """Record which prefix positions are real and where each row's new tokens start (in
+        place: captured steps read these buffers), set the prefill's attention mask (causal,
+        real keys only; a padding query attends to itself, so no row is empty), and return
+        each position's index [B, P] counted over real tokens."""
+        self.prefix_real.copy_(real)
+        self.first_new_position.copy_(real.sum(dim=1).repeat_interleave(self.beams))
+        size = self.prefix_len
+        causal = torch.ones(size, size, dtype=torch.bool, device=real.device).tril()
+        itself = torch.eye(size, dtype=torch.bool, device=real.device)
+        self._prefill_mask = (causal & (real[:, None, :] | itself))[:, None]
+        return (real.long().cumsum(dim=1) - 1).clamp(min=0)
 
     @torch.no_grad()
     def step(
@@ -86,7 +124,10 @@ class PrefixDecoder:
         cache = cache[..., : position + 1, :]
         with self._precision():
             embeds = self.decoder.embed_tokens(tokens)[:, None]
-            hidden = self._input(embeds, self.prefix_len + position)
+            if self.padded:
+                hidden = self._input(embeds, self.first_new_position[:, None] + position)
+            else:
+                hidden = self._input(embeds, self.prefix_len + position)
             for index, layer in enumerate(self.layers):
                 hidden = self._layer(
                     layer, hidden, lambda q, k, v, i=index: self._step_attn(cache[i], i, q, k, v)
@@ -96,11 +137,14 @@ class PrefixDecoder:
     def _precision(self):
         return in_own_precision(self.prefix_cache.dtype, self.prefix_cache.device.type)
 
-    def _input(self, embeds: torch.Tensor, positions: int | slice) -> torch.Tensor:
-        """Token embeddings plus OPT's learned position embeddings (offset by 2, as in OPT)."""
+    def _input(self, embeds: torch.Tensor, positions: int | slice | torch.Tensor) -> torch.Tensor:
+        """Token embeddings plus OPT's learned position embeddings (offset by 2, as in OPT), at
+        the same positions for every row or at each row's own (`positions` [rows, length])."""
         if self.decoder.project_in is not None:
             embeds = self.decoder.project_in(embeds)
         table = self.decoder.embed_positions
+        if isinstance(positions, torch.Tensor):
+            return embeds + table.weight[positions + table.offset]
         if isinstance(positions, int):
             positions = slice(positions, positions + 1)
         return embeds + table.weight[positions.start + table.offset : positions.stop + table.offset]
@@ -130,8 +174,10 @@ class PrefixDecoder:
     def _prefill_attn(self, layer: int, q, k, v) -> torch.Tensor:
         self.prefix_cache[layer, 0].copy_(k)
         self.prefix_cache[layer, 1].copy_(v)
-        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
-        return self._merge(out)
+        attention = nn.functional.scaled_dot_product_attention
+        if self.padded:
+            return self._merge(attention(q, k, v, attn_mask=self._prefill_mask, scale=1.0))
+        return self._merge(attention(q, k, v, is_causal=True, scale=1.0))
 
     def _step_attn(self, cache: torch.Tensor, layer: int, q, k, v) -> torch.Tensor:
         """Attention of each beam's new token [B*K, heads, 1, d] to its image's prefix and to
@@ -144,6 +190,8 @@ class PrefixDecoder:
         b, k_beams, heads = self.batch, self.beams, self.heads
         q_by_image = q.view(b, k_beams, heads, self.head_dim).transpose(1, 2)  # [B, H, K, d]
         to_prefix = q_by_image @ prefix_keys.transpose(-1, -2)  # [B, H, K, P]
+        if self.padded:
+            to_prefix = to_prefix.masked_fill(~self.prefix_real[:, None, None], float("-inf"))
         to_prefix = to_prefix.transpose(1, 2).reshape(b * k_beams, heads, 1, self.prefix_len)
         to_tokens = q @ keys.transpose(-1, -2)  # [B*K, H, 1, n]
         weights = torch.cat([to_prefix, to_tokens], dim=-1).softmax(-1)  # accumulates in fp32
@@ -240,8 +288,15 @@ class DecoderCache:
         self.entries: dict[tuple, tuple[PrefixDecoder, Step]] = {}
 
     def get(
-        self, lm: nn.Module, embeds: torch.Tensor, beams: int, new_tokens: int, cuda_graph: bool
+        self,
+        lm: nn.Module,
+        embeds: torch.Tensor,
+        beams: int,
+        new_tokens: int,
+        cuda_graph: bool,
+        mask: torch.Tensor | None = None,
     ) -> tuple[PrefixDecoder, Step]:
+        """The decoder (and step) for prefixes `embeds` [B, P, hidden], padded when `mask`."""
         device = embeds.device.type
         graph = cuda_graph and device == "cuda"
         autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
@@ -257,12 +312,13 @@ class DecoderCache:
             embeds.device,
             autocast,
             graph,
+            mask is not None,
         )
         if key not in self.entries:
             while len(self.entries) >= self.size:
                 del self.entries[next(iter(self.entries))]
             batch, prefix_len = embeds.shape[:2]
-            decoder = PrefixDecoder(lm, batch, beams, prefix_len, new_tokens)
+            decoder = PrefixDecoder(lm, batch, beams, prefix_len, new_tokens, mask is not None)
             self.entries[key] = (decoder, GraphedSteps(decoder) if graph else decoder.step)
         return self.entries[key]
 

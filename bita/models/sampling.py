@@ -56,15 +56,20 @@ class SampleRules(SearchRules):
 
 @torch.no_grad()
 def sample_search(
-    decoder: PrefixDecoder, step: Step, embeds: torch.Tensor, rules: SampleRules
+    decoder: PrefixDecoder,
+    step: Step,
+    embeds: torch.Tensor,
+    rules: SampleRules,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Token ids [B * num_samples, max_new_tokens], the samples of a prefix consecutive, each
-    padded with `rules.pad_id` after its end token."""
+    """Token ids [B * num_samples, max_new_tokens] for the prefixes `embeds` [B, P, hidden]
+    (padded where `mask` [B, P] is 0), the samples of a prefix consecutive, each padded with
+    `rules.pad_id` after its end token."""
     rows = decoder.batch * decoder.beams
     device = embeds.device
     tokens = torch.full((rows, rules.max_new_tokens), rules.pad_id, dtype=torch.long, device=device)
     running = torch.ones(rows, dtype=torch.bool, device=device)
-    logits = decoder.prefill(embeds).repeat_interleave(decoder.beams, dim=0)
+    logits = decoder.prefill(embeds, mask).repeat_interleave(decoder.beams, dim=0)
     for position in range(rules.max_new_tokens):
         if position < rules.min_new_tokens:
             logits[:, rules.end_id] = float("-inf")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bita.models.llm import Contexts
 from bita.models.trainable import eval_mode
 
 Reward = Callable[[Sequence[str], Sequence[Sequence[str]]], torch.Tensor]
@@ -47,10 +48,12 @@ def self_critical_loss(
     references: Sequence[Sequence[str]],
     prompt: str,
     settings: SelfCritical,
+    contexts: Contexts = None,
 ) -> dict[str, torch.Tensor]:
     """Policy-gradient loss of one batch: per-token log-probability of each sampled caption (of
     the token ids drawn), weighted by its reward (of its text) minus the mean reward of the same
-    image's other samples.
+    image's other samples. Samples are drawn and scored after the same retrieved `contexts`
+    (one per image), if any.
 
     Returns `loss`, the samples' mean `reward` and `reward_best` (mean over images of the best
     sample's reward), both detached, for the training log."""
@@ -65,14 +68,18 @@ def self_critical_loss(
             min_new_tokens=settings.min_new_tokens,
             temperature=settings.temperature,
             beam_loop=settings.beam_loop,
+            contexts=contexts,
+            context_width=model.context_width,
         )
     per_sample_refs = [refs for refs in references for _ in range(k)]
     rewards = settings.reward(drawn.texts, per_sample_refs).to(prefix.device).view(-1, k)
     baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
     advantage = (rewards - baseline).flatten()
+    if contexts is not None:
+        contexts = [context for context in contexts for _ in range(k)]
     # the gradient of the token sequences drawn, not of their text tokenised again
     log_probs, owner = model.llm.token_log_probs(
-        prefix.repeat_interleave(k, dim=0), drawn.token_ids, prompt
+        prefix.repeat_interleave(k, dim=0), drawn.token_ids, prompt, contexts
     )
     loss = -(advantage[owner] * log_probs).mean()
     return {

@@ -17,6 +17,7 @@ from bita.engine.trainer import Trainer
 from bita.models.build import build_model
 from bita.models.trainable import set_trainable
 from bita.stages.context import StageContext
+from bita.stages.datastore import attach_datastore
 from bita.stages.init_from import load_init_weights
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ def trainable_patterns(cfg: DictConfig) -> list[str]:
 
 
 def build_stage_model(ctx: StageContext) -> torch.nn.Module:
-    """Build the model for this stage, set what trains and start it from `init_from`."""
+    """Build the model for this stage, set what trains, start it from `init_from` and give it
+    its retrieval datastore (`model.retrieval`), which is keyed by the tower it started from."""
     model = build_model(model_config(ctx))
     names = set_trainable(model, trainable_patterns(ctx.cfg))
     if ctx.cfg.init_from:
@@ -52,6 +54,7 @@ def build_stage_model(ctx: StageContext) -> torch.nn.Module:
     log.info("stage %s: %d trainable tensors", ctx.name, len(names))
     if not ctx.cfg.init_from:
         require_adapted_weights(ctx, model)
+    attach_datastore(ctx, model)
     return model
 
 

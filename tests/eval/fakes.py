@@ -1,4 +1,4 @@
-"""A stand-in for BITA with the contract's `image_tokens`/`generate`, and hand-made eval batches.
+"""A stand-in for BITA with the contract's `caption`, and hand-made eval batches.
 
 Image i is a constant tensor of value i; the fake model captions it with CAPTIONS[i], so tests
 know exactly which caption each image gets (some match their references, some do not).
@@ -33,15 +33,12 @@ class FakeBITA(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.calls: list[dict] = []
 
-    def image_tokens(self, images=None, features=None):
+    def caption(self, images=None, features=None, image_ids=None, **kwargs):
         assert not self.training, "captioning must run in eval mode"
         assert images.device == self.weight.device
-        return images[:, :1, 0, 0]
-
-    def generate(self, image_tokens, **kwargs):
         assert not torch.is_grad_enabled()
         self.calls.append(kwargs)
-        return [CAPTIONS[int(value)] + "\n" for value in image_tokens[:, 0]]
+        return [CAPTIONS[int(value)] + "\n" for value in images[:, 0, 0, 0]]
 
 
 def png_bytes(index: int) -> bytes:

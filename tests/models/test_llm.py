@@ -98,7 +98,7 @@ def test_beam_search_with_one_beam_equals_greedy(lm):
     torch.manual_seed(1)
     prefix = torch.randn(2, 3, lm.hidden_size)
     decoded = lm.generate(prefix, "a photo of ", num_beams=1, max_new_tokens=6, min_new_tokens=0)
-    head = torch.tensor([lm._prompt_ids("a photo of ")])
+    head = torch.tensor(lm._heads("a photo of ", None, 1))
     embed = lm.model.get_input_embeddings()
     for row, text in zip(prefix, decoded, strict=True):
         inputs, out = torch.cat([row[None], embed(head)], 1), []
@@ -147,3 +147,52 @@ def test_caption_tokens_are_the_same_with_or_without_a_prompt(lm):
     _, _, alone = lm.tokenize_captions(["many cars are parked"], "", 32)
     _, _, prompted = lm.tokenize_captions(["many cars are parked"], "a photo of ", 32)
     assert alone[alone != -100].tolist() == prompted[prompted != -100].tolist()
+
+
+def test_retrieved_context_sits_after_bos_and_carries_no_labels(lm):
+    """With retrieval the row is the plain row with each image's retrieved captions inserted
+    after bos (each cut to max_tokens and ended by the caption-end token), and the labels are
+    still exactly the caption's tokens."""
+    retrieved = [["many cars are parked in a parking lot near a building"], ["trees", "a river"]]
+    contexts = lm.context_ids(retrieved, max_tokens=3)
+    end = lm.caption_end_id
+    assert len(contexts[0]) == 4 and contexts[0][-1] == end
+    assert lm.tokenizer.decode(*lm.context_ids([["trees", "a river"]], 8)) == " trees\n a river\n"
+    captions, prompt = ["many cars", "a river runs here"], "a photo of "
+    ids, mask, labels = lm.tokenize_captions(captions, prompt, 32, contexts)
+    plain_ids, plain_mask, plain_labels = lm.tokenize_captions(captions, prompt, 32)
+    for row, context in enumerate(contexts):
+        real, plain_real = int(mask[row].sum()), int(plain_mask[row].sum())
+        plain_row = plain_ids[row, :plain_real].tolist()
+        assert ids[row, :real].tolist() == plain_row[:1] + context + plain_row[1:]
+        assert (mask[row, real:] == 0).all()
+        kept = labels[row][labels[row] != IGNORE_INDEX].tolist()
+        assert kept == plain_labels[row][plain_labels[row] != IGNORE_INDEX].tolist()
+        assert (labels[row, : real - len(kept)] == IGNORE_INDEX).all()
+    prefix = torch.randn(2, 3, lm.hidden_size)
+    assert lm.prefix_loss(prefix, captions, prompt, contexts=contexts) != lm.prefix_loss(
+        prefix, captions, prompt
+    )
+
+
+def test_decoding_pads_each_rows_text_on_its_left_after_the_prefix(lm):
+    contexts = lm.context_ids([["a river"], [], ["many cars are parked", "trees"]], 4)
+    prefix = torch.randn(3, 2, lm.hidden_size)
+    inputs, mask = lm._decoding_inputs(prefix, "a photo of ", contexts, 0, 6)
+    heads = lm._heads("a photo of ", contexts, 3)
+    longest = max(len(h) for h in heads)
+    assert inputs.shape[1] == mask.shape[1] == 2 + longest
+    assert (mask[:, :2] == 1).all() and (mask[:, -1] == 1).all()
+    assert mask.sum(1).tolist() == [2 + len(h) for h in heads]
+    assert lm._decoding_inputs(prefix, "a photo of ", None, 0, 6)[1] is None
+    wide, wide_mask = lm._decoding_inputs(prefix, "a photo of ", contexts, 30, 6)
+    assert (
+        wide.shape[1] == 2 + len(heads[1]) + 30
+        and wide_mask.sum(1).tolist() == mask.sum(1).tolist()
+    )
+
+
+def test_a_sequence_past_the_lms_positions_names_the_options(lm):
+    contexts = lm.context_ids([["many cars are parked"] * 40], 32)
+    with pytest.raises(ValueError, match="model.retrieval.k.*max_position_embeddings|max_pos"):
+        lm.prefix_loss(torch.randn(1, 3, lm.hidden_size), ["a river"], "", contexts=contexts)

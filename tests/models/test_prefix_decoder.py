@@ -158,3 +158,66 @@ def test_a_moved_lm_gets_a_new_decoder(caption_tokenizer):
     assert (
         decoder.prefix_cache.dtype == torch.float32 and moved.prefix_cache.dtype == torch.bfloat16
     )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_a_padded_prefill_gives_each_rows_own_logits(caption_tokenizer, layout):
+    """Left padding with a mask: each row's logits are those of its real tokens alone."""
+    lm = opt_lm(caption_tokenizer, **layout)
+    hidden = lm.model.get_input_embeddings().embedding_dim
+    rows = [torch.randn(n, hidden) for n in (7, 4, 5)]
+    embeds = torch.stack([torch.cat([torch.randn(7 - len(r), hidden), r]) for r in rows])
+    mask = torch.tensor([[0] * (7 - len(r)) + [1] * len(r) for r in rows])
+    decoder = PrefixDecoder(lm.model, batch=3, beams=2, prefix_len=7, new_tokens=4, padded=True)
+    logits = decoder.prefill(embeds, mask)
+    for row, real in zip(logits, rows, strict=True):
+        expected = lm.model(inputs_embeds=real[None]).logits[0, -1]
+        torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_both_loops_write_the_same_captions_after_per_image_contexts(caption_tokenizer, layout):
+    """Retrieved captions make each image's prompt a different length: the project's loop
+    (padded shared-prefix cache) and transformers' (attention mask) still agree, for beams
+    and samples, and a caption does not depend on the other images of its batch."""
+    lm = opt_lm(caption_tokenizer, head_scale=4.0, end_bias=END_BIAS, **layout)
+    retrieved = [["many cars are parked"], [], ["a river runs through", "trees"], ["a road"]]
+    contexts = lm.context_ids(retrieved, max_tokens=6)
+    search = {"num_beams": 3, "max_new_tokens": 8, "min_new_tokens": 1}
+    changed = 0
+    for seed in range(4):
+        prefix = torch.randn(4, 3, lm.hidden_size, generator=torch.Generator().manual_seed(seed))
+        ours = lm.generate(prefix, "a photo of ", contexts=contexts, **search)
+        theirs = lm.generate(
+            prefix, "a photo of ", beam_loop="transformers", contexts=contexts, **search
+        )
+        assert ours == theirs, seed
+        alone = [  # padded further, to a fixed context width
+            lm.generate(prefix[i : i + 1], "a photo of ", contexts=[c], context_width=20, **search)
+            for i, c in enumerate(contexts)
+        ]
+        alone = [caption for (caption,) in alone]
+        assert ours == alone, seed
+        plain = lm.generate(prefix, "a photo of ", **search)
+        changed += sum(a != b for a, b in zip(ours, plain, strict=True))
+        draw = {"num_samples": 3, "max_new_tokens": 8, "min_new_tokens": 1}
+        torch.manual_seed(seed)
+        samples = lm.sample(prefix, "a photo of ", contexts=contexts, **draw)
+        torch.manual_seed(seed)
+        reference = lm.sample(
+            prefix, "a photo of ", contexts=contexts, beam_loop="transformers", **draw
+        )
+        assert samples == reference, seed
+    assert changed > 0  # the contexts are read
+
+
+def test_batches_padded_to_one_context_width_share_one_decoder(caption_tokenizer):
+    """Retrieved contexts differ in length batch to batch; padded to the widest possible, every
+    batch has one shape, so the decoder (and on CUDA its graphs) is built once."""
+    lm = opt_lm(caption_tokenizer)
+    prefix = torch.randn(2, 3, lm.hidden_size)
+    search = {"num_beams": 2, "max_new_tokens": 4}
+    for retrieved in ([["a river"], ["trees"]], [["many cars are parked"], []]):
+        contexts = lm.context_ids(retrieved, max_tokens=5)
+        lm.generate(prefix, "a photo of ", contexts=contexts, context_width=6, **search)
+    assert len(lm._decoders.entries) == 1

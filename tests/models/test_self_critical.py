@@ -118,7 +118,7 @@ def test_scst_takes_the_gradient_of_the_token_ids_drawn(tiny_model, monkeypatch)
     assert len(cut) == width and lm.caption_end_id not in cut
     drawn = torch.tensor([spelled, cut])
     monkeypatch.setattr(
-        llm_module, "SEARCHES", ((SampleRules, lambda decoder, step, embeds, rules: drawn),)
+        llm_module, "SEARCHES", ((SampleRules, lambda decoder, step, embeds, rules, mask: drawn),)
     )
     settings = SelfCritical(
         reward=lambda captions, refs: torch.tensor([1.0, 0.0]),

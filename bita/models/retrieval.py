@@ -1,0 +1,197 @@
+"""Retrieval-augmented captioning (not in the paper): the LM reads the captions of the k nearest
+training images after the visual prefix, as SmallCap (Ramos et al., CVPR 2023) prompts a small
+decoder with retrieved captions.
+
+Key. An image's tower tokens, mean-pooled and L2-normalised; neighbours by cosine, image to
+image: the kNN floor of experiments/RESULTS.md. The tower is frozen in every stage that reads the
+LM, so one datastore serves pretrain2, finetune, scst and evaluate; a different tower (another
+encoder or view, adapted weights) gives another fingerprint and another datastore.
+
+Datastore. One key and one caption per training image, with the image's id, so that an image
+never retrieves itself (training queries are the training images). Saved as a folder
+(``keys.safetensors`` + ``datastore.json``) that checkpoints carry under ``assets/retrieval``.
+
+Fingerprint. A hash of what decides the datastore: the tower that made the keys (the feature
+cache's fingerprint settings of its eval view: encoder config, weights, transform), the caption
+choice and a digest of the training split's manifest. Stages rebuild a datastore whose
+fingerprint is not the run's; loading a checkpoint refuses one that is not the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+FORMAT = "bita-retrieval/1"
+KEYS_FILE = "keys.safetensors"
+INDEX_FILE = "datastore.json"
+CAPTION_CHOICES = ("central", "first")
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """The `model.retrieval` config section. `datastore` and `fingerprint` are written by the
+    stages (the folder in use, and the fingerprint the weights were trained with), not by hand."""
+
+    enabled: bool = False
+    k: int = 2
+    caption: str = "central"
+    max_tokens: int = 12
+    datastore: str | None = None
+    fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"model.retrieval.k={self.k}: expected at least 1")
+        if self.max_tokens < 1:
+            raise ValueError(f"model.retrieval.max_tokens={self.max_tokens}: expected at least 1")
+        if self.caption not in CAPTION_CHOICES:
+            raise ValueError(
+                f"model.retrieval.caption={self.caption!r}: expected one of {CAPTION_CHOICES}"
+            )
+
+
+def retrieval_keys(tower_tokens: torch.Tensor) -> torch.Tensor:
+    """Unit-length mean token [B, width] (float32) of tower output [B, tokens, width]."""
+    return F.normalize(tower_tokens.float().mean(dim=1), dim=-1)
+
+
+def tower_key_settings(encoder_cfg: Mapping[str, Any], tower: torch.nn.Module) -> dict:
+    """What decides a tower's keys: the feature cache's fingerprint settings of its eval view
+    (encoder config, weights digest, transform), so a key changes when a cache would."""
+    from bita.data.features import fingerprint_settings
+
+    return fingerprint_settings(encoder_cfg, tower, views=1, augment=False)
+
+
+def datastore_settings(tower: Mapping[str, Any], caption: str, data: Mapping[str, Any]) -> dict:
+    """What a datastore's fingerprint covers: `tower` (the feature-cache fingerprint settings of
+    the tower's eval view), the caption choice and `data` (the training split it indexes)."""
+    return {
+        "format": FORMAT,
+        "key": {"kind": "tower_mean", "tower": dict(tower)},
+        "caption": caption,
+        "data": dict(data),
+    }
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    """Short hash of `datastore_settings`."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Datastore:
+    """The training images' keys [N, width] (fp16, unit length), ids and one caption each."""
+
+    keys: torch.Tensor
+    ids: list[str]
+    captions: list[str]
+    settings: dict
+
+    def __post_init__(self) -> None:
+        if not (len(self.keys) == len(self.ids) == len(self.captions)) or not self.ids:
+            raise ValueError(
+                f"datastore: {len(self.keys)} keys, {len(self.ids)} ids, {len(self.captions)} "
+                "captions; expected the same number, at least one"
+            )
+        self.fingerprint = fingerprint(self.settings)
+        self._row = {image_id: row for row, image_id in enumerate(self.ids)}
+        self._keys_on: dict[torch.device, torch.Tensor] = {}
+
+    def neighbour_captions(
+        self, queries: torch.Tensor, k: int, exclude: Sequence[str | None] | None = None
+    ) -> list[list[str]]:
+        """The captions of the `k` entries nearest each query key [B, width] (nearest first),
+        never the entry whose id is the query's `exclude[i]` (the image itself)."""
+        with torch.autocast(queries.device.type, enabled=False):  # bf16 would tie neighbours
+            scores = queries.float() @ self._on(queries.device).T
+        own = [(i, self._row.get(image_id)) for i, image_id in enumerate(exclude or [])]
+        own = [(i, row) for i, row in own if row is not None]
+        for index, row in own:
+            scores[index, row] = float("-inf")
+        take = min(k, len(self.ids) - bool(own))
+        if take < 1:
+            raise ValueError(f"datastore of {len(self.ids)} image(s): nothing left to retrieve")
+        nearest = scores.topk(take, dim=1).indices.tolist()
+        return [[self.captions[row] for row in rows] for rows in nearest]
+
+    def _on(self, device: torch.device) -> torch.Tensor:
+        """The keys on `device` in float32, copied once per device."""
+        if device not in self._keys_on:
+            self._keys_on[device] = self.keys.to(device=device, dtype=torch.float32)
+        return self._keys_on[device]
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the keys and the index (ids, captions, settings, fingerprint) into `folder`."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"keys": self.keys.contiguous()}, str(folder / KEYS_FILE))
+        index = {
+            "format": FORMAT,
+            "fingerprint": self.fingerprint,
+            "settings": self.settings,
+            "ids": self.ids,
+            "captions": self.captions,
+        }
+        (folder / INDEX_FILE).write_text(json.dumps(index, ensure_ascii=False), encoding="utf-8")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Datastore:
+        """A datastore saved by `save`; a folder without one says how one is made."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / INDEX_FILE).is_file() or not (folder / KEYS_FILE).is_file():
+            raise FileNotFoundError(
+                f"{folder}: no retrieval datastore ({INDEX_FILE} + {KEYS_FILE}); the stages that "
+                "read the LM build one when model.retrieval.enabled=true"
+            )
+        index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
+        if index.get("format") != FORMAT:
+            raise ValueError(
+                f"{folder / INDEX_FILE}: format {index.get('format')!r}, expected {FORMAT!r}"
+            )
+        store = cls(
+            load_file(str(folder / KEYS_FILE))["keys"],
+            index["ids"],
+            index["captions"],
+            index["settings"],
+        )
+        if store.fingerprint != index["fingerprint"]:
+            raise ValueError(
+                f"{folder / INDEX_FILE}: its settings hash to {store.fingerprint}, not to the "
+                f"fingerprint {index['fingerprint']} it records: the file was edited"
+            )
+        return store
+
+
+def check_datastore(store: Datastore, expected: Mapping[str, Any], where: str | Path) -> None:
+    """Refuse a datastore built for another tower, caption choice or training split, naming
+    both fingerprints and the parts that differ."""
+    want = fingerprint(expected)
+    if store.fingerprint == want:
+        return
+    parts = {
+        "key": "the image tower that made the keys (encoder config, weights, transform)",
+        "caption": "model.retrieval.caption",
+        "data": "the training split it indexes (dataset, split, manifest digest)",
+        "format": "the datastore format",
+    }
+    differ = [why for part, why in parts.items() if store.settings.get(part) != expected.get(part)]
+    raise ValueError(
+        f"{where}: the retrieval datastore has fingerprint {store.fingerprint}, but this "
+        f"model needs {want}; they differ in {'; '.join(differ) or 'their settings'}. A "
+        "datastore belongs to the checkpoint (tower and training data) it was built for."
+    )

@@ -1,0 +1,200 @@
+"""Retrieval-augmented captioning (`model.retrieval`): the datastore, what the LM reads while it
+trains, and a datastore's fingerprint against the checkpoint it is loaded with."""
+
+import shutil
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bita.data import features, stream
+from bita.data.datastore import build_datastore, central_captions, training_data_settings
+from bita.engine.checkpoint import TrainState, load_model, save_checkpoint
+from bita.engine.distributed import DistInfo
+from bita.models.build import build_model
+from bita.models.retrieval import (
+    INDEX_FILE,
+    Datastore,
+    check_datastore,
+    datastore_settings,
+    fingerprint,
+    retrieval_keys,
+    tower_key_settings,
+)
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+DEMO = OmegaConf.load(CONF / "dataset" / "demo.yaml")
+
+
+def _retrieving_cfg(tiny_cfg, **retrieval):
+    cfg = tiny_cfg.copy()
+    cfg.model.retrieval = {**cfg.model.retrieval, "enabled": True, **retrieval}
+    return cfg
+
+
+def _demo_datastore(model):
+    """The demo training split's datastore, keys from the eval view through the model's tower."""
+    transform = features.cache_transforms(model.preprocess)["eval"]
+    caption = model.settings.retrieval.caption
+    shards = stream.image_shards(DEMO, transform)
+    return build_datastore(DEMO, shards, model.encoder, caption, _expected(model), batch_size=16)
+
+
+def _expected(model):
+    tower = tower_key_settings(OmegaConf.load(CONF / "encoder" / "tiny.yaml"), model.encoder)
+    data = training_data_settings(DEMO)
+    return datastore_settings(tower, model.settings.retrieval.caption, data)
+
+
+def test_the_nearest_entry_is_never_the_querys_own():
+    keys = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    store = Datastore(keys.half(), [f"img{i}" for i in range(5)], list("abcde"), {"x": 1})
+    queries = keys[[1, 3]]
+    assert [row[0] for row in store.neighbour_captions(queries, 2)] == ["b", "d"]
+    kept = store.neighbour_captions(queries, 4, exclude=["img1", "img3"])
+    assert sorted(kept[0]) == list("acde") and sorted(kept[1]) == list("abce")
+    assert sorted(store.neighbour_captions(queries[:1], 9, exclude=["img1"])[0]) == list("acde")
+
+
+def test_central_caption_is_the_one_closest_to_the_images_others():
+    groups = [
+        ["a plane at the airport", "many planes are parked at an airport", "planes at an airport"],
+        ["green trees"],
+    ]
+    assert central_captions(groups) == ["planes at an airport", "green trees"]
+
+
+def test_training_never_retrieves_an_images_own_captions(tiny_cfg):
+    """Training batches are the datastore's own images, seen through the eval view its keys
+    came from, so each image's nearest entry is itself: the captions the LM reads after the
+    prefix must still never be that image's. Each entry's caption names its image, so the
+    check reads the LM's actual input."""
+    model = build_model(_retrieving_cfg(tiny_cfg, k=2, max_tokens=8, caption="first")).eval()
+    store = _demo_datastore(model)
+    store.captions = [f"scene {i}" for i in range(len(store.ids))]
+    name = dict(zip(store.ids, store.captions, strict=True))
+    model.use_datastore(store, _expected(model))
+    read = []
+    prefix_loss = model.llm.prefix_loss
+    model.llm.prefix_loss = lambda *a, contexts, **kw: (
+        read.append(contexts) or prefix_loss(*a, contexts=contexts, **kw)
+    )
+    batches = stream.train_batches(
+        DEMO,
+        split="train",
+        batch_size=16,
+        transform=features.cache_transforms(model.preprocess, augment=False)["train"],
+        num_workers=0,
+        seed=0,
+        epoch=0,
+    )
+    for batch in islice(batches, 6):
+        model(batch, objective="lm", prompt="a photo of ")
+        with torch.no_grad():
+            keys = retrieval_keys(model.encode_images(batch["image"]))
+        nearest = [row[0] for row in store.neighbour_captions(keys, 1)]
+        assert nearest == [name[i] for i in batch["image_id"]]  # without exclusion: itself
+        for image_id, context in zip(batch["image_id"], read[-1], strict=True):
+            retrieved = [text.strip() for text in model.llm.tokenizer.decode(context).split("\n")]
+            assert retrieved[-1] == "" and set(retrieved[:-1]) <= set(store.captions)
+            assert len(retrieved) == 3 and name[image_id] not in retrieved
+    assert len(read) == 6
+
+
+def _save_retrieving_checkpoint(tiny_cfg, folder: Path, seed: int) -> Path:
+    """A tiny random BITA (its tower seeded by `seed`) trained with the demo datastore, saved
+    as a stage saves it: the datastore in assets, its fingerprint in the config."""
+    cfg = _retrieving_cfg(tiny_cfg)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    store = _demo_datastore(model)
+    model.use_datastore(store, _expected(model))
+    cfg.model.retrieval.fingerprint = store.fingerprint
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    return save_checkpoint(
+        folder,
+        model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        state=TrainState(),
+        config=cfg,
+        dist=DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")),
+    )
+
+
+def test_a_checkpoint_decodes_with_its_own_datastore(tiny_cfg, tmp_path):
+    checkpoint = _save_retrieving_checkpoint(tiny_cfg, tmp_path / "a", seed=1)
+    assert (checkpoint / "assets" / "retrieval" / INDEX_FILE).is_file()
+    model, cfg = load_model(checkpoint)
+    assert model.datastore.fingerprint == cfg.model.retrieval.fingerprint
+    images = torch.randn(2, 3, 64, 64)
+    decode = {"num_beams": 2, "max_new_tokens": 5, "min_new_tokens": 1}
+    with_context = model.caption(images, **decode)
+    with pytest.raises(ValueError, match="retrieved captions"):
+        model.generate(model.image_tokens(images), **decode)
+    contexts = model.retrieved_contexts(model.encode_images(images))
+    assert model.generate(model.image_tokens(images), contexts=contexts, **decode) == with_context
+
+
+def test_a_datastore_built_for_another_checkpoint_is_refused(tiny_cfg, tmp_path):
+    """Checkpoints with different towers: a's datastore copied into b is refused on load,
+    naming both fingerprints; so is b's own once its tower no longer is the one it indexed."""
+    a = _save_retrieving_checkpoint(tiny_cfg, tmp_path / "a", seed=1)
+    b = _save_retrieving_checkpoint(tiny_cfg, tmp_path / "b", seed=2)
+    a_print, b_print = (load_model(c)[1].model.retrieval.fingerprint for c in (a, b))
+    assert a_print != b_print
+    shutil.rmtree(b / "assets" / "retrieval")
+    shutil.copytree(a / "assets" / "retrieval", b / "assets" / "retrieval")
+    with pytest.raises(ValueError, match=f"{a_print}.*{b_print}.*another checkpoint"):
+        load_model(b)
+    # the same datastore under a's fingerprint, but a tower that is not the one it indexed
+    config = OmegaConf.load(b / "config.yaml")
+    config.model.retrieval.fingerprint = a_print
+    OmegaConf.save(config, b / "config.yaml")
+    with pytest.raises(ValueError, match=f"{a_print}.*needs .*image tower"):
+        load_model(b)
+
+
+def test_check_names_both_fingerprints_and_the_part_that_differs():
+    settings = {"format": "f", "key": {"w": 1}, "caption": "first", "data": {"split": "train"}}
+    store = Datastore(torch.ones(1, 2).half(), ["x"], ["c"], settings)
+    other = {**settings, "data": {"split": "val"}}
+    with pytest.raises(ValueError) as err:
+        check_datastore(store, other, "here")
+    message = str(err.value)
+    assert store.fingerprint in message and fingerprint(other) in message
+    assert "training split" in message and "image tower" not in message
+    check_datastore(store, settings, "here")
+
+
+def test_an_edited_datastore_file_is_refused(tmp_path):
+    store = Datastore(torch.ones(2, 2).half(), ["x", "y"], ["c", "d"], {"caption": "first"})
+    folder = store.save(tmp_path / "ds")
+    assert Datastore.load(folder).captions == ["c", "d"]
+    index = folder / INDEX_FILE
+    index.write_text(index.read_text().replace('"first"', '"central"'))
+    with pytest.raises(ValueError, match="edited"):
+        Datastore.load(folder)
+    with pytest.raises(FileNotFoundError, match="no retrieval datastore"):
+        Datastore.load(tmp_path / "nothing")
+
+
+def test_retrieval_settings_are_checked_by_name(tiny_cfg):
+    for key, value in (("k", 0), ("caption", "longest"), ("max_tokens", 0)):
+        with pytest.raises(ValueError, match=f"model.retrieval.{key}"):
+            build_model(_retrieving_cfg(tiny_cfg, **{key: value}))
+    with pytest.raises(ValueError, match="model.retrieval: unknown keys"):
+        build_model(_retrieving_cfg(tiny_cfg, kk=2))
+
+
+def test_neighbours_are_ranked_in_float32_under_autocast():
+    """Training runs under bf16 autocast, whose 8-bit mantissa would tie close cosines."""
+    base = torch.randn(1, 64)
+    keys = torch.nn.functional.normalize(base + 0.02 * torch.randn(50, 64), dim=-1)
+    store = Datastore(keys.half(), [str(i) for i in range(50)], [str(i) for i in range(50)], {})
+    query = torch.nn.functional.normalize(base + 0.02 * torch.randn(1, 64), dim=-1)
+    plain = store.neighbour_captions(query, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert store.neighbour_captions(query, 10) == plain
