@@ -473,6 +473,7 @@ class _EvalStream(IterableDataset):
             "references": usable_captions(record["captions"]),
             "image_bytes": image,
             "dataset": record["dataset"],
+            "scene": record.get("scene"),  # the annotation's scene class, None where it has none
         }
 
 
