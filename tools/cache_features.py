@@ -23,22 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
-from safetensors.torch import load_file
 
-from bita.data.cache_writer import CacheOptions, cache_features
+from bita.data.cache_writer import cache_features
 from bita.engine.distributed import apply_thread_count
 from bita.locations import resolve_location
-from bita.models.encoders import FrozenImageEncoder, build_image_encoder
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The root config as `python -m bita.run OVERRIDES` composes it."""
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides)
+from bita.run import compose_config
+from bita.stages.features import build_tower, cache_options
 
 
 def pick_device(accelerator: str) -> str:
@@ -48,37 +38,6 @@ def pick_device(accelerator: str) -> str:
     if accelerator not in ("cpu", "cuda", "auto"):
         raise SystemExit(f"hardware.accelerator={accelerator!r}: expected cpu, cuda or auto")
     return "cuda" if accelerator != "cpu" and torch.cuda.is_available() else "cpu"
-
-
-def build_tower(cfg: DictConfig) -> FrozenImageEncoder:
-    """The configured tower, with its weights from `init_from` when that checkpoint has them."""
-    torch.manual_seed(int(cfg.seed))
-    tower = build_image_encoder(cfg.encoder)
-    if cfg.get("init_from"):
-        path = Path(cfg.init_from) / "model.safetensors"
-        if not path.is_file():
-            raise SystemExit(f"init_from={cfg.init_from}: no model.safetensors there")
-        state = {
-            k[len("encoder.") :]: v
-            for k, v in load_file(str(path)).items()
-            if k.startswith("encoder.")
-        }
-        if state:
-            tower.load_state_dict(state, strict=True)
-    return tower
-
-
-def options_from(cfg: DictConfig) -> CacheOptions:
-    features = cfg.features
-    return CacheOptions(
-        views=int(features.views),
-        augment=bool(cfg.augment),
-        batch_size=int(features.batch_size),
-        num_workers=int(cfg.hardware.num_workers),
-        max_shard_images=int(features.max_shard_images),
-        max_shard_mb=float(features.max_shard_mb),
-        device=pick_device(str(cfg.hardware.accelerator)),
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.features.root:
         raise SystemExit("features.root=FOLDER is required: where the cache is written")
     root = Path(resolve_location(str(cfg.features.root)))
-    options = options_from(cfg)
+    options = cache_options(cfg, pick_device(str(cfg.hardware.accelerator)))
     start = time.perf_counter()
     manifests = cache_features(cfg.dataset, cfg.encoder, build_tower(cfg), root, options)
     seconds = time.perf_counter() - start
