@@ -35,3 +35,4 @@ class StageResult:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     scored_split: str | None = None  # the split `metrics` were measured on
+    results: Path | None = None  # the results JSON of that split (bita.eval.evaluate)

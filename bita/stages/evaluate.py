@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bita.engine.checkpoint import load_model
 from bita.stages.context import StageContext, StageResult
-from bita.stages.scoring import score_split
+from bita.stages.scoring import score_split, split_results
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -13,5 +13,8 @@ def run(ctx: StageContext) -> StageResult:
             "stage=evaluate needs the checkpoint to score: init_from=RUN_DIR/STAGE/checkpoints/best"
         )
     model, _ = load_model(ctx.cfg.init_from, device=ctx.dist.device)
-    metrics = score_split(ctx, model, ctx.cfg.eval.split, str(ctx.cfg.init_from), ctx.stage_dir)
-    return StageResult(metrics=metrics, scored_split=ctx.cfg.eval.split)
+    split = ctx.cfg.eval.split
+    metrics = score_split(ctx, model, split, str(ctx.cfg.init_from), ctx.stage_dir)
+    return StageResult(
+        metrics=metrics, scored_split=split, results=split_results(ctx, split, ctx.stage_dir)
+    )

@@ -19,7 +19,7 @@ from bita.stages.common import (
 )
 from bita.stages.context import StageContext, StageResult
 from bita.stages.pretrain2 import lm_objective
-from bita.stages.scoring import score_split
+from bita.stages.scoring import score_split, split_results
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -63,8 +63,10 @@ def fit_and_select(
         select_metric=ctx.cfg.stage.select_metric,
     )
     best = trainer.best_checkpoint_dir or trainer.last_checkpoint_dir
-    metrics, final_split = {}, ctx.cfg.stage.final_eval_split
-    if final_split:
-        best_model, _ = load_model(best, device=ctx.dist.device)
-        metrics = score_split(ctx, best_model, final_split, str(best), ctx.stage_dir)
-    return StageResult(checkpoint=best, metrics=metrics, scored_split=final_split)
+    final_split = ctx.cfg.stage.final_eval_split
+    if not final_split:
+        return StageResult(checkpoint=best)
+    best_model, _ = load_model(best, device=ctx.dist.device)
+    metrics = score_split(ctx, best_model, final_split, str(best), ctx.stage_dir)
+    results = split_results(ctx, final_split, ctx.stage_dir)
+    return StageResult(checkpoint=best, metrics=metrics, scored_split=final_split, results=results)
