@@ -463,9 +463,10 @@ class _EvalStream(IterableDataset):
         return iter(pipeline)
 
     def _decode(self, sample: dict) -> dict:
-        """Model input, references, and the encoded image (galleries show it)."""
+        """Model input, references, and the encoded image (galleries show it; None in a feature
+        cache's train split, which keeps no images)."""
         key, data, record = _parse(sample, self.members)
-        image = _member(sample, IMAGE_EXTENSIONS)
+        image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
         return {
             self.shard_set.field: self.shard_set.decode(key, data, None),
             "image_id": key,
