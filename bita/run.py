@@ -6,6 +6,7 @@ The only module that uses Hydra's app machinery; everything it calls takes plain
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -16,12 +17,13 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from bita.engine.distributed import apply_thread_count, init_distributed, strip_launcher_args
 from bita.errors import reports_user_errors
-from bita.eval.tables import metrics_table
+from bita.eval.tables import caption_examples, metrics_table
 from bita.run_names import register_resolver, run_name
 from bita.stages.init_from import model_from_checkpoint
 from bita.stages.pipeline import check_config, run_stages
@@ -29,6 +31,16 @@ from bita.tracking import Tracker
 
 log = logging.getLogger("bita.run")
 register_resolver()  # hydra.run.dir uses it; before @hydra.main composes
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The root config as `python -m bita.run OVERRIDES` composes and checks it (with
+    `init_from`, the model is that checkpoint's), for tools and tests."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = model_from_checkpoint(compose("config", overrides=overrides), overrides)
+    check_config(cfg)
+    return cfg
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -38,10 +50,25 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def format_results(results: list) -> str:
-    """The final metrics of every stage that scored captions, as one table."""
+def format_results(results: list, examples: int) -> str:
+    """The end of a run's output: a few captions of the last scored split beside a reference
+    each, the final metrics of every stage that scored captions, and where the gallery is."""
     rows = {f"{name}: {r.scored_split}": r.metrics for name, r in results if r.metrics}
-    return metrics_table(rows) if rows else ""
+    if not rows:
+        return ""
+    lines = []
+    last = next((r for _, r in reversed(results) if r.results), None)
+    if last is not None:
+        files = json.loads(last.results.read_text(encoding="utf-8"))["files"]
+        captions = last.results.parent / files["captions"]
+        shown = caption_examples(json.loads(captions.read_text(encoding="utf-8")), examples)
+        if shown:
+            lines += [f"{last.scored_split} captions (generated | a reference), all in {captions}:"]
+            lines += [shown, ""]
+    lines.append(metrics_table(rows))
+    if last is not None and "gallery" in files:
+        lines.append(f"gallery: {last.results.parent / files['gallery']}")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -112,9 +139,9 @@ def run(cfg: DictConfig) -> float | None:
         if score is not None:
             tracker.log_metrics({"objective": score}, step=0)
     if dist.rank == 0:
-        table = format_results(results)
-        if table:
-            print(table)
+        summary = format_results(results, int(cfg.eval.examples))
+        if summary:
+            print(summary)
         print(f"run folder: {run_dir}")
         print(tracker.where_to_look())
     return score

@@ -12,7 +12,7 @@ from bita.models.build import count_parameters
 from bita.stages.pipeline import check_config, effective_config, recipe_for, stage_sequence
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ("encoder", "qformer", "llm", "dataset", "stage", "hardware", "experiment")
+GROUPS = ("encoder", "qformer", "llm", "dataset", "stage", "hardware", "schedule", "experiment")
 
 
 def options(group: str) -> list[str]:
@@ -59,7 +59,7 @@ def test_every_experiment_composes_and_builds(experiment):
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS[:-1] for o in options(g)])
 def test_every_group_option_composes_and_builds(group, option):
     # multi-GPU presets need a batch that their micro-batch divides: use the paper's
-    base = "experiment=paper_pretrain1" if group == "hardware" else "experiment=demo"
+    base = "experiment=paper_pretrain1" if group == "hardware" else "experiment=tiny"
     cfg = composed(base, f"{group}={option}")
     check_buildable(cfg)
 

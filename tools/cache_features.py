@@ -29,29 +29,13 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
 from bita.data.cache_writer import CacheOptions, cache_features
-from bita.engine.checkpoint import read_weights
 from bita.engine.distributed import apply_thread_count
 from bita.errors import reports_user_errors
 from bita.locations import resolve_location
-from bita.models.encoders import FrozenImageEncoder, build_image_encoder
-from bita.models.tower_adaptation import load_tower_weights
-from bita.stages.init_from import model_from_checkpoint
-from bita.stages.pipeline import check_config
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The root config as `python -m bita.run OVERRIDES` composes and checks it (with
-    `init_from`, the encoder is that checkpoint's)."""
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = model_from_checkpoint(compose("config", overrides=overrides), overrides)
-    check_config(cfg)
-    return cfg
+from bita.run import compose_config
+from bita.stages.features import build_tower
 
 
 def pick_device(accelerator: str) -> str:
@@ -61,17 +45,6 @@ def pick_device(accelerator: str) -> str:
     if accelerator not in ("cpu", "cuda", "auto"):
         raise SystemExit(f"hardware.accelerator={accelerator!r}: expected cpu, cuda or auto")
     return "cuda" if accelerator != "cpu" and torch.cuda.is_available() else "cpu"
-
-
-def build_tower(cfg: DictConfig) -> FrozenImageEncoder:
-    """The configured tower, with its weights from `init_from` when that checkpoint has them
-    (a random tower's, or an adapted tower's units above the cut)."""
-    torch.manual_seed(int(cfg.seed))
-    tower = build_image_encoder(cfg.encoder)
-    if cfg.get("init_from"):
-        in_checkpoint = bool(cfg.encoder.get("in_checkpoint", False))
-        load_tower_weights(tower, read_weights(cfg.init_from), in_checkpoint)
-    return tower
 
 
 @reports_user_errors

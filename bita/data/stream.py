@@ -541,7 +541,8 @@ class _EvalStream(IterableDataset):
                 yield decoded
 
     def _decode(self, sample: dict) -> dict:
-        """Model input, references, and the encoded image (galleries show it)."""
+        """Model input, references, and the encoded image (galleries show it; None in a feature
+        cache's train split, which keeps no images)."""
         raw = _parse(sample, self.members)
         missing = [name for name in ("filename", "dataset") if name not in raw.record]
         if missing:
@@ -551,8 +552,9 @@ class _EvalStream(IterableDataset):
             "image_id": raw.key,
             "filename": raw.record["filename"],
             "references": usable_captions(raw.record["captions"]),
-            "image_bytes": _member(sample, IMAGE_EXTENSIONS),
+            "image_bytes": next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None),
             "dataset": raw.record["dataset"],
+            "scene": raw.record.get("scene"),  # the annotation's scene class, None where none
         }
 
 

@@ -60,7 +60,7 @@ def evaluate(
     Returns ``Bleu_1..4, METEOR, ROUGE_L, CIDEr, SPICE`` (None when unavailable) and ``S_m``,
     the same on every rank. Writes ``out_dir/results/<dataset>_<split>.json`` (metrics,
     decoding settings, checkpoint, counts, file names), ``<dataset>_<split>_captions.json``
-    (``[{image_id, filename, caption}]``) and ``<dataset>_<split>_gallery.html``
+    (``[{image_id, filename, caption, references}]``) and ``<dataset>_<split>_gallery.html``
     (``gallery_size`` best and worst images; 0 = no gallery). ``decode`` is the `decode`
     config section; ``spice_dir`` is `paths.spice`; ``step`` is the tracker step of the
     metrics (e.g. the fine-tune epoch); files are logged under the artifact folder `results`.
@@ -98,6 +98,12 @@ def evaluate(
     return summary["metrics"]
 
 
+def results_path(out_dir: str | Path, dataset: str, split: str) -> Path:
+    """Where `evaluate` writes the results JSON of ``dataset``'s ``split`` (it names the other
+    files under ``files``)."""
+    return Path(out_dir) / "results" / f"{dataset}_{split}.json"
+
+
 def _score_and_write(
     records: list[dict[str, Any]],
     *,
@@ -120,12 +126,12 @@ def _score_and_write(
     scores = score_captions(predictions, references, spice_dir=spice_dir)
     per_image_cider = scores.pop("per_image_CIDEr")
 
-    stem = f"{dataset}_{split}"
-    results_dir = out_dir / "results"
+    results_file = results_path(out_dir, dataset, split)
+    results_dir, stem = results_file.parent, results_file.stem
     results_dir.mkdir(parents=True, exist_ok=True)
-    files = {"results": f"{stem}.json", "captions": f"{stem}_captions.json"}
+    files = {"results": results_file.name, "captions": f"{stem}_captions.json"}
     captions = [
-        {key: record[key] for key in ("image_id", "filename", "caption")}
+        {key: record[key] for key in ("image_id", "filename", "caption", "references")}
         for record in sorted(unique, key=lambda record: record["image_id"])
     ]
     _write_json(results_dir / files["captions"], captions)

@@ -26,6 +26,21 @@ def metrics_table(rows: Mapping[str, Mapping[str, float | None]], *, percent: bo
     return "\n".join(lines)
 
 
+def caption_examples(captions: list[Mapping], count: int) -> str:
+    """``count`` images spread over ``captions`` (``{filename, caption, references}`` records),
+    one line each: file, generated caption, its first reference."""
+    if count <= 0 or not captions:
+        return ""
+    step = max(1, len(captions) // count)
+    chosen = captions[::step][:count]
+    width = max(len(c["filename"]) for c in chosen)
+    generated = max(len(c["caption"]) for c in chosen)
+    return "\n".join(
+        f"  {c['filename']:<{width}}  {c['caption']:<{generated}}  | {c['references'][0]}"
+        for c in chosen
+    )
+
+
 def _cell(value: float | None, scale: float, percent: bool) -> str:
     if value is None:
         return "n/a"

@@ -43,3 +43,4 @@ class StageResult:
     selection_score: float | None = None  # `stage.select_metric` of the selected checkpoint
     captioner: Path | None = None  # the checkpoint to hand to users (logged as an MLflow model)
     selection: dict[str, Any] | None = None  # which of its checkpoints `checkpoint` is, and why
+    results: Path | None = None  # the results JSON of that split (bita.eval.evaluate)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from bita.engine.checkpoint import load_model
 from bita.errors import ConfigError
 from bita.stages.context import StageContext, StageResult
-from bita.stages.scoring import score_split
+from bita.stages.scoring import score_split, split_results
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -14,7 +14,9 @@ def run(ctx: StageContext) -> StageResult:
             "stage=evaluate needs the checkpoint to score: init_from=RUN_DIR/STAGE/checkpoints/best"
         )
     model, _ = load_model(ctx.cfg.init_from, device=ctx.dist.device)
-    checkpoint = str(ctx.cfg.init_from)
     split = ctx.cfg.eval.split
+    checkpoint = str(ctx.cfg.init_from)
     metrics = score_split(ctx, model, split, checkpoint, ctx.stage_dir, selection=ctx.handed_over)
-    return StageResult(metrics=metrics, scored_split=ctx.cfg.eval.split)
+    return StageResult(
+        metrics=metrics, scored_split=split, results=split_results(ctx, split, ctx.stage_dir)
+    )

@@ -22,7 +22,7 @@ from bita.stages.common import (
 )
 from bita.stages.context import StageContext, StageResult
 from bita.stages.pretrain2 import lm_objective
-from bita.stages.scoring import score_split
+from bita.stages.scoring import score_split, split_results
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def fit_and_select(
         checkpoint=chosen,
         metrics=metrics,
         scored_split=final_split,
+        results=split_results(ctx, final_split, ctx.stage_dir) if final_split else None,
         selection=selection,
         selection_score=fit.best_metric,
         captioner=chosen,

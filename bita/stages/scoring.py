@@ -10,9 +10,14 @@ from typing import Any
 import torch
 
 from bita.data import stream
-from bita.eval.evaluate import ExpectedImages, evaluate
+from bita.eval.evaluate import ExpectedImages, evaluate, results_path
 from bita.stages.common import shard_set
 from bita.stages.context import StageContext
+
+
+def split_results(ctx: StageContext, split: str, out_dir: Path) -> Path:
+    """The results JSON `score_split(ctx, …, split, …, out_dir)` writes."""
+    return results_path(out_dir, ctx.cfg.dataset.eval_source, split)
 
 
 def score_split(

@@ -7,7 +7,7 @@ from bita.data.stream import eval_batches, steps_per_epoch, train_batches
 from bita.locations import resolve_location
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
-OPTIONS = ("ucm", "rsicd", "nwpu", "all", "demo")
+OPTIONS = ("ucm", "rsicd", "nwpu", "all", "demo", "demo_mini")
 KEYS = {"name", "root", "sources", "train_split", "val_split", "test_split", "eval_source"}
 
 
@@ -32,13 +32,12 @@ def test_all_mixes_the_three_datasets_by_size():
     ]
 
 
-def test_bundled_demo_streams_without_download_and_stays_small(transforms):
-    cfg = OmegaConf.load(CONF / "demo.yaml")
-    root = Path(resolve_location(cfg.root))
-    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    assert size < 3 * 1024 * 1024
-    assert (root / "SOURCE.md").read_text().count("doi:10.1109/TGRS.2017.2776321") == 1
-    assert steps_per_epoch(cfg, split=cfg.train_split, global_batch_size=16) == 310 // 16
+@pytest.mark.parametrize(
+    ("option", "captions", "val_images"), [("demo", 3100, 93), ("demo_mini", 310, 31)]
+)
+def test_bundled_samples_stream_without_download(transforms, option, captions, val_images):
+    cfg = OmegaConf.load(CONF / f"{option}.yaml")
+    assert steps_per_epoch(cfg, split=cfg.train_split, global_batch_size=16) == captions // 16
     batch = next(
         iter(
             train_batches(
@@ -56,8 +55,15 @@ def test_bundled_demo_streams_without_download_and_stays_small(transforms):
     ids = [
         i
         for b in eval_batches(
-            cfg, split=cfg.val_split, batch_size=8, transform=transforms["eval"], num_workers=2
+            cfg, split=cfg.val_split, batch_size=32, transform=transforms["eval"], num_workers=2
         )
         for i in b["image_id"]
     ]
-    assert len(ids) == len(set(ids)) == 31
+    assert len(ids) == len(set(ids)) == val_images
+
+
+def test_bundled_samples_stay_small_and_cite_their_source():
+    roots = [Path(resolve_location(OmegaConf.load(CONF / f"{o}.yaml").root)) for o in OPTIONS[-2:]]
+    size = sum(p.stat().st_size for root in roots for p in root.rglob("*") if p.is_file())
+    assert size < 14e6  # the package stays under ~15 MB
+    assert (roots[0] / "SOURCE.md").read_text().count("doi:10.1109/TGRS.2017.2776321") == 1

@@ -24,9 +24,9 @@ OPTIONS = CacheOptions(views=2, batch_size=16, progress=False)
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-    """The root config of `python -m bita.run dataset=demo` (tiny parts) with a caption LM
-    tokenizer trained on the spot."""
-    cfg = load_tool("cache_features").compose_config(["dataset=demo"])
+    """The root config of `python -m bita.run experiment=tiny` (tiny parts, the demo_mini
+    sample) with a caption LM tokenizer trained on the spot."""
+    cfg = load_tool("cache_features").compose_config(["experiment=tiny"])
     tokenizer = tmp_path_factory.mktemp("tokenizer")
     cfg.llm.tokenizer = str(
         train_caption_tokenizer(["a river runs near trees"] * 8, 300, tokenizer)

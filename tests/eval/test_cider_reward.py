@@ -53,3 +53,14 @@ def test_bad_input_is_named():
         reward(CAPTIONS[:2], REFERENCES[:1])
     with pytest.raises(ValueError, match="'a field' has no references"):
         reward(["a field"], [[]])
+
+
+def test_pairwise_equals_scoring_each_pair_alone():
+    """The sparse pairwise matrix against pycocoevalcap's own loop, one reference per pair,
+    with repeated words (count clipping) and an n-gram outside the corpus."""
+    captions = [*CAPTIONS, "many many cars cars are parked", "a red zeppelin", "trees"]
+    reward = CiderReward(REFERENCES)
+    matrix = reward.pairwise(captions)
+    for i, caption in enumerate(captions):
+        expected = reward([caption] * len(captions), [[other] for other in captions])
+        assert matrix[i] == pytest.approx(expected.double().numpy(), abs=1e-5)

@@ -13,7 +13,7 @@ from bita.eval import evaluate as evaluate_module
 from bita.eval.decoding import DecodeSettings
 from bita.eval.evaluate import evaluate
 
-from .fakes import CAPTIONS, FakeBITA, make_batches
+from .fakes import CAPTIONS, REFERENCES, FakeBITA, make_batches
 
 
 class RecordingTracker:
@@ -74,7 +74,12 @@ def test_captions_file_lists_each_image_once(evaluated):
     _, results, _, _ = evaluated
     captions = json.loads((results / "demo_val_captions.json").read_text())
     assert captions == [
-        {"image_id": f"demo_{i}", "filename": f"img {i}.png", "caption": CAPTIONS[i]}
+        {
+            "image_id": f"demo_{i}",
+            "filename": f"img {i}.png",
+            "caption": CAPTIONS[i],
+            "references": REFERENCES[i],
+        }
         for i in range(6)
     ]
 

@@ -4,7 +4,7 @@ import base64
 import re
 
 from bita.eval.gallery import write_gallery
-from bita.eval.tables import metrics_table
+from bita.eval.tables import caption_examples, metrics_table
 
 from .fakes import png_bytes
 
@@ -52,3 +52,17 @@ def test_table_labels_scale_and_shows_missing_spice():
     assert "| rsicd val |" in row and "0.4568" in row and "2.5000" in row and "n/a" in row
     percent = metrics_table({"rsicd val": metrics}, percent=True)
     assert "(×100)" in percent and "45.68" in percent and "250.00" in percent
+
+
+def test_caption_examples_spread_over_the_split_beside_a_reference():
+    captions = [
+        {"filename": f"{i}.jpg", "caption": f"caption {i}", "references": [f"ref {i}", "other"]}
+        for i in range(10)
+    ]
+    lines = caption_examples(captions, 3).splitlines()
+    assert lines == [
+        "  0.jpg  caption 0  | ref 0",
+        "  3.jpg  caption 3  | ref 3",
+        "  6.jpg  caption 6  | ref 6",
+    ]
+    assert caption_examples(captions, 0) == "" and caption_examples([], 3) == ""

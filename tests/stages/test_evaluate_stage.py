@@ -28,7 +28,7 @@ def evaluate(cwd, checkpoint, *overrides):
 
 
 def test_evaluate_on_the_demo_writes_results_and_gallery(tmp_path, tiny_checkpoint):
-    results = evaluate(tmp_path, tiny_checkpoint, "dataset=demo")
+    results = evaluate(tmp_path, tiny_checkpoint, "dataset=demo_mini")
     summary = json.loads((results / "rsicd_val.json").read_text())
     captions = json.loads((results / "rsicd_val_captions.json").read_text())
     assert summary["counts"]["images"] == len(captions) == 31
