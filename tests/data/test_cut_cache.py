@@ -1,4 +1,4 @@
-"""Feature caches at a cut point (`stage=tower`) on the bundled demo_mini shards with the tiny tower:
+"""Feature caches at a cut point (`stage=tower`) on the demo_mini shards, tiny tower:
 the cut cache gives the uncached loss, the derived cache gives the adapted tower's tokens, and a
 cache made before adaptation or at another cut is refused."""
 

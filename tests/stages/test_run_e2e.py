@@ -22,7 +22,7 @@ def test_pretrain1_leaves_a_resumable_checkpoint(tmp_path):
     args = (
         "experiment=tiny",
         "stage=pretrain1",
-        "dataset=demo",
+        "dataset=demo_mini",
         "train.max_steps=3",
         "paths.shards=data/shards",
         "optim.lr_scales={llm.*:0.25}",
@@ -58,7 +58,7 @@ def test_sweep_is_one_parent_with_a_child_per_job(tmp_path):
         "-m",
         "experiment=tiny",
         "stage=pretrain1",
-        "dataset=demo",
+        "dataset=demo_mini",
         "train.max_steps=2",
         "optim.lr=1e-4,2e-4",
     )
@@ -133,7 +133,7 @@ def test_a_stage_that_cannot_batch_as_asked_names_the_option(tmp_path, stage, by
         tmp_path,
         "experiment=tiny",
         f"stage={stage}",
-        "dataset=demo",
+        "dataset=demo_mini",
         f"stage.batch_by_image={by_image}",
         check=False,
     )
