@@ -194,7 +194,12 @@ def test_the_tower_stage_hands_its_adapted_cache_to_the_stages_after_it(tmp_path
     """tools/cache_features.py caches the cut; the pipeline adapts the tower on it, derives the
     adapted tower's tokens cache in its run folder, and every later stage reads that cache
     (its fingerprint matches their adapted tower) and keeps the adapted units."""
-    common = ["experiment=tiny", "encoder=effnet_lite0", "encoder.adapt_blocks=2", "dataset=demo_mini"]
+    common = [
+        "experiment=tiny",
+        "encoder=effnet_lite0",
+        "encoder.adapt_blocks=2",
+        "dataset=demo_mini",
+    ]
     cut = tmp_path / "cut"
     subprocess.run(
         [
