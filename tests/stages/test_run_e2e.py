@@ -28,7 +28,7 @@ def test_pretrain1_leaves_a_resumable_checkpoint(tmp_path):
         "optim.lr_scales={llm.*:0.25}",
     )
     first = bita_run(tmp_path, *args)
-    name = "tiny/dataset-demo+optim.lr_scales-llm.__0.25_c18ce0+paths.shards-shards_e91dff"
+    name = "tiny/dataset-demo_mini+optim.lr_scales-llm.__0.25_c18ce0+paths.shards-shards_e91dff"
     name += "+stage-pretrain1+train.max_steps-3"
     run_dir = tmp_path / "runs" / name
     assert f"run folder: {run_dir}" in first.stdout
