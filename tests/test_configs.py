@@ -117,6 +117,10 @@ BAD_VALUES = [
         "optim.lr=null stage.recipes.pretrain1.optim.lr=null",
         "optim.lr is not set for stage pretrain1",
     ),
+    (  # once refused only when the cache was written or read, after the tower was built
+        "augment=false features.views=2",
+        "features.views=2 with augment=false: every view would be the same eval view",
+    ),
 ]
 
 

@@ -111,6 +111,19 @@ def deciding_weights(tower: nn.Module, activations: str = "tokens") -> dict[str,
     return {name: tensor for name, tensor in state.items() if not tower.is_adapted(name)}
 
 
+def views_problem(views: int, augment: bool) -> str | None:
+    """Why `features.views` cannot go with `augment` (None: it can). Checked when a run's config
+    is composed, and again wherever a cache's fingerprint is made."""
+    if int(views) < 1:
+        return f"features.views={views}: expected at least 1"
+    if int(views) > 1 and not augment:
+        return (
+            f"features.views={views} with augment=false: every view would be the same eval "
+            "view; expected features.views=1 (or augment=true)"
+        )
+    return None
+
+
 def fingerprint_settings(
     encoder_cfg: Mapping[str, Any],
     tower: nn.Module,
@@ -119,13 +132,9 @@ def fingerprint_settings(
     activations: str = "tokens",
 ) -> dict:
     """Everything that decides the cached activations (see the module docstring)."""
-    if int(views) < 1:
-        raise ValueError(f"features.views={views}: expected at least 1")
-    if int(views) > 1 and not augment:
-        raise ValueError(
-            f"features.views={views} with augment=false: every view would be the same eval "
-            "view; expected features.views=1 (or augment=true)"
-        )
+    problem = views_problem(views, augment)
+    if problem:
+        raise ValueError(problem)
     encoder = {
         key: value
         for key, value in _plain(encoder_cfg).items()

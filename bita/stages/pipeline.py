@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bita import options
+from bita.data.features import views_problem
 from bita.errors import ConfigError
 from bita.eval.decoding import DecodeSettings
 from bita.stages.context import StageContext, StageResult
@@ -40,6 +41,8 @@ def check_config(cfg: DictConfig) -> None:
     """Types and ranges of the root options and of every stage's own values, and the schedule
     each training stage ends up with: all problems in one error, before any stage runs."""
     found = options.problems(cfg, {**options.ROOT, **options.SCHEDULE})
+    if not found and (views := views_problem(cfg.features.views, cfg.augment)):
+        found.append(views)  # a check across options, made once their types are right
     try:
         DecodeSettings.from_config(cfg.decode)
     except ConfigError as err:

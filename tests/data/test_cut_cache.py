@@ -1,4 +1,4 @@
-"""Feature caches at a cut point (`stage=tower`) on the bundled demo shards with the tiny tower:
+"""Feature caches at a cut point (`stage=tower`) on the demo_mini shards, tiny tower:
 the cut cache gives the uncached loss, the derived cache gives the adapted tower's tokens, and a
 cache made before adaptation or at another cut is refused."""
 
@@ -25,8 +25,8 @@ CUT = CacheOptions(views=2, batch_size=16, progress=False, activations="cut")
 
 @pytest.fixture(scope="module")
 def cfg():
-    """`python tools/cache_features.py dataset=demo encoder.adapt_blocks=1` (tiny tower)."""
-    cfg = load_tool("cache_features").compose_config(["dataset=demo", "encoder.adapt_blocks=1"])
+    """`python tools/cache_features.py experiment=tiny encoder.adapt_blocks=1`."""
+    cfg = load_tool("cache_features").compose_config(["experiment=tiny", "encoder.adapt_blocks=1"])
     cfg.features.views = CUT.views
     return cfg
 

@@ -99,7 +99,15 @@ def test_eval_yields_every_image_once_in_a_fixed_order(toy, transforms, world_si
     assert sorted(ids) == sorted(f"toy_{i}" for i in range(14, 21))
     assert ids == [i for r in range(world_size) for i in eval_ids(cfg, transforms, rank=r, **args)]
     batch = evaluate(cfg, transforms)[0]
-    assert set(batch) == {"image", "image_id", "filename", "references", "image_bytes", "dataset"}
+    assert set(batch) == {
+        "image",
+        "image_id",
+        "filename",
+        "references",
+        "image_bytes",
+        "dataset",
+        "scene",
+    }
     assert batch["references"][0] == ["a scene 14 with trees", "roads near scene 14", "some houses"]
     assert batch["image_bytes"][0] == jpeg_bytes(14) and batch["dataset"][0] == "toy"
 

@@ -83,7 +83,7 @@ def node_command(node: int, port: int) -> list[str]:
         "bita.run",
         "experiment=tiny",
         "stage=pretrain1",
-        "dataset=demo",
+        "dataset=demo_mini",
         "hardware=multinode",
         "hardware.accelerator=cpu",
         "hardware.autocast=null",

@@ -120,7 +120,7 @@ def test_stage1_interrupted_then_resumed_sees_the_same_samples(dist, tmp_path, m
                 overrides=[
                     "experiment=tiny",
                     "stage=pretrain1",
-                    "dataset=demo",
+                    "dataset=demo_mini",
                     f"train.max_steps={n}",
                     "train.save_every_steps=1",
                     "train.log_every=1",

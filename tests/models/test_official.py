@@ -211,7 +211,7 @@ def test_evaluate_stage_scores_a_converted_folder(converted, tmp_path):
         tmp_path,
         "stage=evaluate",
         f"init_from={folder}",
-        "dataset=demo",
+        "dataset=demo_mini",
         "tracking.enabled=false",
         "hardware.num_workers=0",
     )

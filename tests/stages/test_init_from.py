@@ -75,13 +75,18 @@ def test_stage_two_starts_the_lm_projection_a_stage_one_model_never_had(
 
 def test_the_checkpoints_model_replaces_the_composed_one(tiny_checkpoint):
     """A stage started by hand from a checkpoint builds the checkpoint's model and its
-    trained LM, whatever the default experiment composes; run-time settings may differ."""
+    trained LM, whatever the command's experiment composes; run-time settings may differ."""
     from bita.stages.init_from import model_from_checkpoint
 
-    overrides = ["stage=scst", "dataset=demo", f"init_from={tiny_checkpoint}", "llm.trainable=true"]
+    overrides = [
+        "experiment=tiny",
+        "stage=scst",
+        f"init_from={tiny_checkpoint}",
+        "llm.trainable=true",
+    ]
     cfg = model_from_checkpoint(composed(*overrides), overrides)
     saved = read_checkpoint_config(tiny_checkpoint)
-    assert composed(*overrides).model.embed_dim == 64 and cfg.model.embed_dim == 256
+    assert composed(*overrides).model.embed_dim == 32 and cfg.model.embed_dim == 256
     assert cfg.llm.tokenizer == saved.llm.tokenizer == str(tiny_checkpoint / "assets/llm")
     assert cfg.llm.trainable is True and saved.llm.trainable is False
 

@@ -12,11 +12,11 @@ from bita.engine.checkpoint import load_model
 
 from .runner import bita_run
 
-DEMO_VAL = Path(__file__).resolve().parents[2] / "bita/data/demo/rsicd/val/rsicd-val-00000.tar"
+DEMO_VAL = Path(__file__).resolve().parents[2] / "bita/data/demo_mini/rsicd/val/rsicd-val-00000.tar"
 
 
 def _val_images(folder: Path, count: int) -> dict[str, Path]:
-    """The first `count` demo val images as files, by image id (the shard key)."""
+    """The first `count` demo_mini val images as files, by image id (the shard key)."""
     folder.mkdir()
     images = {}
     with tarfile.open(DEMO_VAL) as shard:

@@ -22,7 +22,7 @@ def test_pretrain1_leaves_a_resumable_checkpoint(tmp_path):
     args = (
         "experiment=tiny",
         "stage=pretrain1",
-        "dataset=demo",
+        "dataset=demo_mini",
         "train.max_steps=3",
         "paths.shards=data/shards",
         "optim.lr_scales={llm.*:0.25}",
@@ -58,7 +58,7 @@ def test_sweep_is_one_parent_with_a_child_per_job(tmp_path):
         "-m",
         "experiment=tiny",
         "stage=pretrain1",
-        "dataset=demo",
+        "dataset=demo_mini",
         "train.max_steps=2",
         "optim.lr=1e-4,2e-4",
     )
@@ -133,7 +133,7 @@ def test_a_stage_that_cannot_batch_as_asked_names_the_option(tmp_path, stage, by
         tmp_path,
         "experiment=tiny",
         f"stage={stage}",
-        "dataset=demo",
+        "dataset=demo_mini",
         f"stage.batch_by_image={by_image}",
         check=False,
     )
@@ -165,7 +165,7 @@ def test_a_stage_chains_by_hand_from_a_checkpoint_and_says_what_it_scored(
     result = bita_run(
         tmp_path,
         "stage=scst",
-        "dataset=demo",
+        "dataset=demo_mini",
         f"init_from={tiny_checkpoint}",
         "train.max_steps=1",
         "train.global_batch_size=8",
@@ -189,19 +189,19 @@ def test_a_corrupt_val_image_fails_evaluation_naming_it(tmp_path, tiny_checkpoin
     import tarfile
 
     root = tmp_path / "data"
-    shutil.copytree(REPO / "bita/data/demo/rsicd", root / "rsicd")
+    shutil.copytree(REPO / "bita/data/demo_mini/rsicd", root / "rsicd")
     val = root / "rsicd/val/rsicd-val-00000.tar"
     with tarfile.open(val) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(val, "w") as tar:
         for member, data in members:
-            data = b"not an image" if member.name == "rsicd_276.jpg" else data
+            data = b"not an image" if member.name == "rsicd_277.jpg" else data
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
     result = bita_run(
         tmp_path,
         "stage=evaluate",
-        "dataset=demo",
+        "dataset=demo_mini",
         f"dataset.root={root}",
         f"init_from={tiny_checkpoint}",
         "decode.num_beams=1",
@@ -209,7 +209,7 @@ def test_a_corrupt_val_image_fails_evaluation_naming_it(tmp_path, tiny_checkpoin
         check=False,
     )
     assert result.returncode == 2
-    assert "scored 30 of 31 images; not scored: rsicd_276" in result.stderr.splitlines()[-1]
+    assert "scored 30 of 31 images; not scored: rsicd_277" in result.stderr.splitlines()[-1]
     summary = json.loads(next((tmp_path / "runs").rglob("rsicd_val.json")).read_text())
-    assert summary["skipped_images"] == ["rsicd_276"]
+    assert summary["skipped_images"] == ["rsicd_277"]
     assert (summary["counts"]["images"], summary["counts"]["images_expected"]) == (30, 31)

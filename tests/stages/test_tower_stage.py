@@ -61,7 +61,7 @@ def test_paper_tower_runs_two_steps_on_random_weights_in_a_tiny_form(tmp_path):
         tmp_path,
         "experiment=paper_tower",
         "hardware=cpu",
-        "dataset=demo",
+        "dataset=demo_mini",
         "encoder.pretrained=null",
         *tiny_vit,
         "encoder.keep_layers=4",
@@ -96,7 +96,7 @@ def test_a_stage_after_the_tower_without_its_checkpoint_is_an_error():
 
 def demo_val_images(folder: Path) -> dict[str, Path]:
     """The demo's val images as files, by file name."""
-    demo = Path(resolve_location(str(composed("dataset=demo").dataset.root))) / "rsicd" / "val"
+    demo = Path(resolve_location(str(composed("dataset=demo_mini").dataset.root))) / "rsicd" / "val"
     folder.mkdir()
     files = {}
     pipeline = wds.DataPipeline(
@@ -144,7 +144,7 @@ def test_bita_caption_writes_the_captions_evaluate_wrote_for_an_adapted_checkpoi
         "experiment=tiny",
         "stage=evaluate",
         f"init_from={adapted_checkpoint}",
-        "dataset=demo",
+        "dataset=demo_mini",
         "tracking.enabled=false",
     )
     results = next((tmp_path / "runs").rglob("evaluate/results"))
@@ -194,7 +194,12 @@ def test_the_tower_stage_hands_its_adapted_cache_to_the_stages_after_it(tmp_path
     """tools/cache_features.py caches the cut; the pipeline adapts the tower on it, derives the
     adapted tower's tokens cache in its run folder, and every later stage reads that cache
     (its fingerprint matches their adapted tower) and keeps the adapted units."""
-    common = ["experiment=tiny", "encoder=effnet_lite0", "encoder.adapt_blocks=2", "dataset=demo"]
+    common = [
+        "experiment=tiny",
+        "encoder=effnet_lite0",
+        "encoder.adapt_blocks=2",
+        "dataset=demo_mini",
+    ]
     cut = tmp_path / "cut"
     subprocess.run(
         [
