@@ -75,6 +75,7 @@ def test_the_default_run_is_the_demo_with_its_own_short_schedule():
     assert list(cfg.stage.order)[0] == "features"  # it caches the tower's tokens itself
     finetune = schedules(cfg)["finetune"]
     assert finetune != (192, 1e-5, 50, None) and finetune[2] <= 5
+    assert cfg.model.retrieval.enabled and cfg.model.retrieval.pool >= cfg.model.retrieval.k
 
 
 def test_experiments_override_the_schedule_and_tiny_stays_tiny():
@@ -88,3 +89,4 @@ def test_experiments_override_the_schedule_and_tiny_stays_tiny():
     paper = compose_config(["experiment=paper_pretrain1"])
     assert paper.name == "paper_pretrain1" and paper.encoder.model == "ViT-L-14"
     assert schedules(paper) == {"pretrain1": (384, 1e-4, 5, None)}
+    assert not tiny.model.retrieval.enabled and not paper.model.retrieval.enabled

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bita.eval.cider_reward import CiderReward, reward_tokens
+from bita.eval.cider_reward import CiderReward
 
 
 @dataclass(frozen=True)
@@ -44,25 +44,10 @@ def mean_token_features(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def consensus_caption(captions: Sequence[str], reward: CiderReward) -> str:
-    """The caption with the highest mean CIDEr-D against all the others (first on ties).
-
-    Identical token sequences are scored once and weighted by their count."""
+    """The caption with the highest mean CIDEr-D against all the others (first on ties)."""
     if not captions:
         raise ValueError("consensus_caption: no candidate captions")
-    first: dict[str, int] = {}
-    weight: dict[str, int] = {}
-    for index, caption in enumerate(captions):
-        tokens = reward_tokens(caption)
-        first.setdefault(tokens, index)
-        weight[tokens] = weight.get(tokens, 0) + 1
-    if len(captions) == 1:
-        return captions[0]
-    unique = list(first)
-    counts = np.array([weight[t] for t in unique], dtype=np.float64)
-    pairs = reward.pairwise([captions[first[t]] for t in unique])
-    # each caption against every other member of the multiset: its own copy counted once less
-    score = (pairs @ counts - np.diag(pairs)) / (len(captions) - 1)
-    return captions[first[unique[int(np.argmax(score))]]]
+    return captions[int(np.argmax(reward.consensus(captions)))]
 
 
 def knn_captions(

@@ -107,6 +107,21 @@ class CiderReward:
             total += cosine * penalty
         return total / 4 * 10.0
 
+    def consensus(self, captions: Sequence[str]) -> np.ndarray:
+        """Each caption's mean CIDEr-D against all the others [M] (0 for a lone caption): how
+        much a caption says what the others say, as consensus reranking (Devlin et al. 2015)
+        scores candidates. Identical token sequences are scored once and weighted by their
+        count; a caption's own copy is left out."""
+        if len(captions) < 2:
+            return np.zeros(len(captions))
+        tokens = [reward_tokens(caption) for caption in captions]
+        slot: dict[str, int] = {}
+        which = [slot.setdefault(t, len(slot)) for t in tokens]
+        counts = np.bincount(which).astype(np.float64)
+        pairs = self.pairwise([captions[tokens.index(t)] for t in slot])
+        score = (pairs @ counts - np.diag(pairs)) / (len(captions) - 1)
+        return score[which]
+
     def _term_frequencies(
         self, counts: list[dict], n: int, log_corpus: float
     ) -> tuple[sparse.csr_matrix, np.ndarray]:

@@ -166,7 +166,7 @@ class BITA(nn.Module):
                 "build one, and checkpoints trained with retrieval carry it in assets/retrieval"
             )
         keys = retrieval_keys(tower_tokens)
-        captions = self.datastore.neighbour_captions(keys, settings.k, image_ids)
+        captions = self.datastore.neighbour_captions(keys, settings.k, image_ids, settings.pool)
         return self.llm.context_ids(captions, settings.max_tokens)
 
     @property

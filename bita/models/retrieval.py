@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bita.eval.cider_reward import CiderReward
+
 FORMAT = "bita-retrieval/1"
 KEYS_FILE = "keys.safetensors"
 INDEX_FILE = "datastore.json"
@@ -43,6 +45,7 @@ class RetrievalSettings:
     enabled: bool = False
     k: int = 2
     caption: str = "central"
+    pool: int = 0
     max_tokens: int = 12
     datastore: str | None = None
     fingerprint: str | None = None
@@ -50,6 +53,11 @@ class RetrievalSettings:
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"model.retrieval.k={self.k}: expected at least 1")
+        if self.pool and self.pool < self.k:
+            raise ValueError(
+                f"model.retrieval.pool={self.pool}: expected 0 (the k nearest) or at least "
+                f"model.retrieval.k={self.k}"
+            )
         if self.max_tokens < 1:
             raise ValueError(f"model.retrieval.max_tokens={self.max_tokens}: expected at least 1")
         if self.caption not in CAPTION_CHOICES:
@@ -106,23 +114,45 @@ class Datastore:
         self.fingerprint = fingerprint(self.settings)
         self._row = {image_id: row for row, image_id in enumerate(self.ids)}
         self._keys_on: dict[torch.device, torch.Tensor] = {}
+        self._reward: CiderReward | None = None  # consensus scorer, idf over the captions
+        self._agreed: dict[tuple[int, ...], list[int]] = {}
 
     def neighbour_captions(
-        self, queries: torch.Tensor, k: int, exclude: Sequence[str | None] | None = None
+        self,
+        queries: torch.Tensor,
+        k: int,
+        exclude: Sequence[str | None] | None = None,
+        pool: int = 0,
     ) -> list[list[str]]:
         """The captions of the `k` entries nearest each query key [B, width] (nearest first),
-        never the entry whose id is the query's `exclude[i]` (the image itself)."""
+        never the entry whose id is the query's `exclude[i]` (the image itself). With `pool`,
+        the `k` of the `pool` nearest entries' captions that agree most with the others
+        (`CiderReward.consensus`), most agreed first: what kNN caption retrieval returns,
+        so the LM reads the consensus of many neighbours rather than the two nearest."""
         with torch.autocast(queries.device.type, enabled=False):  # bf16 would tie neighbours
             scores = queries.float() @ self._on(queries.device).T
         own = [(i, self._row.get(image_id)) for i, image_id in enumerate(exclude or [])]
         own = [(i, row) for i, row in own if row is not None]
         for index, row in own:
             scores[index, row] = float("-inf")
-        take = min(k, len(self.ids) - bool(own))
+        take = min(max(k, pool), len(self.ids) - bool(own))
         if take < 1:
             raise ValueError(f"datastore of {len(self.ids)} image(s): nothing left to retrieve")
         nearest = scores.topk(take, dim=1).indices.tolist()
+        if pool:
+            nearest = [self._most_agreed(tuple(rows))[:k] for rows in nearest]
         return [[self.captions[row] for row in rows] for rows in nearest]
+
+    def _most_agreed(self, rows: tuple[int, ...]) -> list[int]:
+        """`rows` ordered by their captions' consensus, remembered per set of rows: a training
+        image meets the same neighbours every epoch, and scoring them is the costly part."""
+        if rows not in self._agreed:
+            if self._reward is None:
+                self._reward = CiderReward([[caption] for caption in self.captions])
+            scores = self._reward.consensus([self.captions[row] for row in rows])
+            order = sorted(range(len(rows)), key=lambda i: -scores[i])
+            self._agreed[rows] = [rows[i] for i in order]
+        return self._agreed[rows]
 
     def _on(self, device: torch.device) -> torch.Tensor:
         """The keys on `device` in float32, copied once per device."""

@@ -58,6 +58,27 @@ def test_the_nearest_entry_is_never_the_querys_own():
     assert sorted(store.neighbour_captions(queries[:1], 9, exclude=["img1"])[0]) == list("acde")
 
 
+def test_a_pool_returns_its_most_agreed_captions_and_never_the_querys_own():
+    """Of the pool's captions, the two that repeat what the others say come first; the query's
+    own entry, the nearest and a perfect match of the majority, stays out."""
+    # entry i sits at distance offset[i] from the query (img0): the two odd captions nearest
+    offset = torch.tensor([0.0, 0.1, 0.3, 0.4, 0.2, 0.5])
+    keys = torch.nn.functional.normalize(torch.eye(6)[0] + offset[:, None] * torch.eye(6), dim=-1)
+    captions = [
+        "many planes at an airport",  # img0: the query itself
+        "a lake with a boat",
+        "planes parked at an airport",
+        "many planes parked at an airport",
+        "green trees and a road",
+        "planes at the airport",
+    ]
+    store = Datastore(keys.half(), [f"img{i}" for i in range(6)], captions, {"x": 1})
+    (chosen,) = store.neighbour_captions(keys[:1], 2, exclude=["img0"], pool=5)
+    assert set(chosen) == {"planes parked at an airport", "many planes parked at an airport"}
+    (plain,) = store.neighbour_captions(keys[:1], 2, exclude=["img0"])
+    assert plain == ["a lake with a boat", "green trees and a road"]  # without: the 2 nearest
+
+
 def test_central_caption_is_the_one_closest_to_the_images_others():
     groups = [
         ["a plane at the airport", "many planes are parked at an airport", "planes at an airport"],
