@@ -94,8 +94,15 @@ def main() -> None:
             "gradient_clipping": 1.0,
             "num_workers": 0,
         },
-        optim={"lr": 1e-3, "end_lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.999]},
+        optim={
+            "lr": 1e-3,
+            "end_lr": 1e-4,
+            "warmup_steps": 0,
+            "weight_decay": 0.05,
+            "betas": [0.9, 0.999],
+        },
         train={
+            "epochs": 1,
             "max_steps": STEPS,
             "global_batch_size": GLOBAL_BATCH,
             "resume": "never",
