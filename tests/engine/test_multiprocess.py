@@ -59,7 +59,9 @@ def test_two_processes_end_on_the_weights_of_one_process(tmp_path, zero):
 
 # ---------------------------------------------------------------- two "nodes" on one machine
 
-STEPS = 8
+# Enough steps (two epochs of demo_mini at a global batch of 16) that the kill lands while the
+# run still trains: an idle CPU runs about 5 of these steps a second.
+STEPS = 30
 
 
 def node_command(node: int, port: int) -> list[str]:
@@ -90,6 +92,7 @@ def node_command(node: int, port: int) -> list[str]:
         "hardware.micro_batch_size=8",
         "hardware.num_workers=0",
         "hardware.num_threads=1",
+        "train.epochs=2",
         f"train.max_steps={STEPS}",
         "train.save_every_steps=1",
         "tracking.enabled=false",
