@@ -10,11 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from bita.locations import resolve_location
 from bita.models.bita import BITA, LMAssets, ModelSettings
 from bita.models.encoders import build_image_encoder
 from bita.models.ift import IFT, IFTConfig, init_from_bert
-from bita.models.llm import build_prefix_lm, load_tokenizer
+from bita.models.llm import build_prefix_lm, load_pretrained_model, load_tokenizer
 
 DECODER_BOS = "[DEC]"
 _MIXERS = {"ift": "fourier", "blip2": "attention"}
@@ -59,16 +58,13 @@ def build_qformer(cfg: Mapping[str, Any], encoder_width: int) -> tuple[IFT, Any]
 
 
 def _bert_state(spec: str) -> dict[str, torch.Tensor]:
-    from transformers import AutoModel
-
-    try:
-        bert = AutoModel.from_pretrained(resolve_location(spec))
-    except OSError as err:
-        raise OSError(
-            f"qformer.init_from={spec!r}: cannot load BERT weights ({err}). A hub name such as "
-            "bert-base-uncased needs network access once (or a copy in the Hugging Face "
-            "cache); offline, point init_from at a local BERT-family folder."
-        ) from err
+    bert = load_pretrained_model(
+        spec,
+        "qformer.init_from",
+        "BERT weights",
+        "A hub name such as bert-base-uncased needs network access once (or a copy in the "
+        "Hugging Face cache); offline, point init_from at a local BERT-family folder.",
+    )
     return bert.state_dict()
 
 

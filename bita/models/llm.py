@@ -84,6 +84,17 @@ def _byte_level_bpe(texts: Iterable[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
+def load_pretrained_model(spec: str, field: str, what: str, offline_hint: str) -> nn.Module:
+    """transformers' AutoModel of the `field` option's `spec` (hub name, folder or location);
+    a failed load names the option, what it is for and how to get it offline."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(resolve_location(spec))
+    except OSError as err:
+        raise OSError(f"{field}={spec!r}: cannot load {what} ({err}). {offline_hint}") from err
+
+
 def load_tokenizer(spec: str, field: str):
     """AutoTokenizer from a hub name, a folder or a location spec, with a clear offline error."""
     from transformers import AutoTokenizer

@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bita.locations import resolve_location
 from bita.models.bita import ModelSettings
 from bita.models.encoders import FrozenImageEncoder, ImagePreprocess, build_image_encoder
-from bita.models.llm import load_tokenizer, to_device
+from bita.models.llm import load_pretrained_model, load_tokenizer, to_device
 from bita.models.losses import contrastive_loss
 
 
@@ -50,15 +49,12 @@ class SentenceEncoder(nn.Module):
     @classmethod
     def from_location(cls, spec: str, max_tokens: int) -> SentenceEncoder:
         """The encoder and tokenizer of a hub name, folder or location spec (`pip:...`)."""
-        from transformers import AutoModel
-
-        try:
-            model = AutoModel.from_pretrained(resolve_location(spec))
-        except OSError as err:
-            raise OSError(
-                f"stage.text_encoder={spec!r}: cannot load a text encoder ({err}). A hub name "
-                "needs network access once; offline, give a local folder."
-            ) from err
+        model = load_pretrained_model(
+            spec,
+            "stage.text_encoder",
+            "a text encoder",
+            "A hub name needs network access once; offline, give a local folder.",
+        )
         return cls(model, load_tokenizer(spec, "stage.text_encoder"), max_tokens)
 
     @property
