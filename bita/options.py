@@ -112,6 +112,7 @@ ROOT = {
     "model.label_smoothing": number(0, below=1),
     "model.lm_label_smoothing": number(0, below=1),
     "model.temp_init": number(above=0),
+    "model.retrieval.key": one_of("tower_mean", "caption_aligned"),
     "eval.gallery_size": integer(0),
     "eval.allow_missing": FLAG,
     "hardware.accelerator": one_of("auto", "cpu", "cuda"),

@@ -75,7 +75,7 @@ def sentence_encoder():
     from transformers import BertConfig, BertModel
 
     from bita.models.llm import load_tokenizer
-    from bita.models.tower_adaptation import SentenceEncoder
+    from bita.models.sentence_encoder import SentenceEncoder
 
     torch.manual_seed(0)
     config = BertConfig(

@@ -2,9 +2,11 @@
 
 One pass over the split in shard order: each image's eval-view tower tokens (from the feature
 cache when its training views are eval views, else the image shards through the tower's eval
-transform), mean-pooled and L2-normalised as keys, and one of its usable captions: the first, or
-the most central one, whose CIDEr-D against the image's other captions (idf of the whole split)
-is highest, a consensus caption rather than one annotator's aside.
+transform), mean-pooled and L2-normalised as keys (mapped into the captions' sentence space for
+caption-aligned keys, the map fitted here on all of each image's captions), and one of its
+usable captions: the first, or the most central one, whose CIDEr-D against the image's other
+captions (idf of the whole split) is highest, a consensus caption rather than one annotator's
+aside.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ from bita.data.skips import SkipLog
 from bita.data.stream import ShardSet, split_records
 from bita.eval.cider_reward import CiderReward
 from bita.locations import resolve_location
+from bita.models.caption_keys import KeyProjection, fit_key_projection
 from bita.models.encoders import FrozenImageEncoder
 from bita.models.retrieval import Datastore, retrieval_keys
+from bita.models.sentence_encoder import SentenceEncoder
 
 log = logging.getLogger(__name__)
+
+CAPTION_TOKENS = 32  # sentence-encoder tokens per caption (RSICD captions: under 30 words)
 
 
 def training_data_settings(dataset_cfg: Any) -> dict:
@@ -56,19 +62,35 @@ def build_datastore(
     """The datastore of `dataset_cfg`'s training split read from `shard_set` (view 0 of a
     feature cache holding eval views, or image shards decoded with the eval transform, which
     then run through `tower`), one `caption` ("central" or "first") per image; `settings`
-    (`datastore_settings`) is what its fingerprint covers."""
+    (`datastore_settings`) is what its fingerprint covers, and says which keys to make."""
     keys, ids, groups = [], [], []
     device = next(tower.parameters()).device
     for batch_ids, batch_groups, inputs in _batches(dataset_cfg, shard_set, batch_size):
         tokens = inputs if shard_set.field == "features" else tower(inputs.to(device))
-        keys.append(retrieval_keys(tokens).half().cpu())
+        keys.append(retrieval_keys(tokens).cpu())
         ids += batch_ids
         groups += batch_groups
     if not ids:
         raise ValueError(f"dataset {dataset_cfg['name']!r}: no training image with a caption")
     chosen = central_captions(groups) if caption == "central" else [g[0] for g in groups]
     log.info("retrieval datastore: %d training images, %s captions", len(ids), caption)
-    return Datastore(torch.cat(keys), ids, chosen, dict(settings))
+    keys, projection = _stored_keys(torch.cat(keys), groups, settings["key"])
+    return Datastore(keys.half(), ids, chosen, dict(settings), projection)
+
+
+def _stored_keys(
+    tower_keys: torch.Tensor, groups: Sequence[Sequence[str]], key: Mapping[str, Any]
+) -> tuple[torch.Tensor, KeyProjection | None]:
+    """The training images' keys as the datastore stores them, and the projection that made
+    them (caption-aligned keys) or None (tower keys)."""
+    if key["kind"] != "caption_aligned":
+        return tower_keys, None
+    text = SentenceEncoder.from_location(
+        str(key["text_encoder"]), CAPTION_TOKENS, "model.retrieval.text_encoder"
+    )
+    projection = fit_key_projection(tower_keys, groups, text)
+    log.info("retrieval datastore: caption-aligned keys (ridge alpha %.3g)", projection.alpha)
+    return projection(tower_keys), projection
 
 
 def central_captions(groups: Sequence[Sequence[str]]) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from bita.errors import ConfigError
+from bita.models.bita import RERANKS
 from bita.models.llm import BEAM_LOOPS
 from bita.models.trainable import eval_mode
 
@@ -33,6 +34,7 @@ class DecodeSettings:
     temperature: float = 1.0
     beam_loop: str = "bita"
     cuda_graph: bool = True
+    rerank: str = "none"
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -45,6 +47,7 @@ class DecodeSettings:
             "temperature": self.temperature > 0,
             "batch_size": self.batch_size >= 1,
             "beam_loop": self.beam_loop in BEAM_LOOPS,
+            "rerank": self.rerank in RERANKS and (self.rerank == "none" or self.num_beams > 1),
         }
         wrong = [name for name, ok in checks.items() if not ok]
         if wrong:
@@ -52,7 +55,7 @@ class DecodeSettings:
                 f"decode.{wrong[0]}={getattr(self, wrong[0])!r} is invalid: expected "
                 "num_beams, max_new_tokens, batch_size >= 1, 0 <= min_new_tokens <= "
                 "max_new_tokens, repetition_penalty > 0, 0 < top_p <= 1, temperature > 0, "
-                f"beam_loop in {BEAM_LOOPS}"
+                f"beam_loop in {BEAM_LOOPS}, rerank in {RERANKS} (consensus: num_beams >= 2)"
             )
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Beam search over a `PrefixDecoder`, by transformers' rules, for one caption per image.
+"""Beam search over a `PrefixDecoder`, by transformers' rules, for an image's best captions.
 
 The rules are those of transformers' `generate` beam search with its defaults
 (`early_stopping=False`, one end token), step for step, so the captions are the ones `generate`
@@ -29,6 +29,7 @@ class BeamRules(SearchRules):
 
     num_beams: int
     length_penalty: float
+    num_return: int = 1  # the best finished captions returned per image, best first
 
     @property
     def rows_per_image(self) -> int:
@@ -37,14 +38,14 @@ class BeamRules(SearchRules):
     @staticmethod
     def apply_to(decode: Mapping[str, Any]) -> bool:
         """Whether these rules are the search `decode` (the `generate` keywords) asks for: beam
-        search of 2+ beams for one caption each, without sampling or a repetition penalty;
-        anything else is left to transformers' `generate`."""
+        search of 2+ beams for up to as many captions each, without sampling or a repetition
+        penalty; anything else is left to transformers' `generate`."""
         return (
             decode.get("num_beams", 1) > 1
             and "max_new_tokens" in decode
             and not decode.get("do_sample", False)
             and decode.get("repetition_penalty", 1.0) == 1.0
-            and decode.get("num_return_sequences", 1) == 1
+            and 1 <= decode.get("num_return_sequences", 1) <= decode.get("num_beams", 1)
         )
 
     @classmethod
@@ -52,6 +53,7 @@ class BeamRules(SearchRules):
         return cls(
             num_beams=decode["num_beams"],
             length_penalty=decode.get("length_penalty", 1.0),
+            num_return=decode.get("num_return_sequences", 1),
             **cls.shared(decode, end_id, pad_id),
         )
 
@@ -92,9 +94,9 @@ def beam_search(
     rules: BeamRules,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Token ids [B, max_new_tokens] of the best caption of each prefix in `embeds` [B, P, hidden]
-    (padded where `mask` [B, P] is 0), padded with `rules.pad_id` after its end token. `step` is
-    `decoder.step` or its graph."""
+    """Token ids [B * rules.num_return, max_new_tokens] of the best captions of each prefix in
+    `embeds` [B, P, hidden] (padded where `mask` [B, P] is 0), best first per prefix, padded with
+    `rules.pad_id` after their end token. `step` is `decoder.step` or its graph."""
     batch, beams, length = decoder.batch, decoder.beams, rules.max_new_tokens
     device = embeds.device
     state = _Beams.start(batch, beams, length, rules.pad_id, device)
@@ -110,7 +112,7 @@ def beam_search(
             break
         tokens = state.running[:, :, position].flatten()
         logits = step(tokens, (source + offsets).flatten(), position)
-    return state.finished[:, 0]
+    return state.finished[:, : rules.num_return].flatten(0, 1)
 
 
 def _advance(

@@ -28,10 +28,11 @@ from bita.models.retrieval import (
     RetrievalSettings,
     check_datastore,
     datastore_settings,
-    retrieval_keys,
     tower_key_settings,
 )
 from bita.models.self_critical import SelfCritical, self_critical_loss
+
+RERANKS = ("none", "consensus")  # decode.rerank: how an image's caption is chosen among its beams
 
 # BITA's own parts: always in its checkpoint (small, trained by this project)
 OWN_PARTS = ("query_tokens", "ln_vision", "ift", "vision_proj", "text_proj", "temp", "llm_proj")
@@ -165,7 +166,7 @@ class BITA(nn.Module):
                 "model.retrieval.enabled but no datastore is attached: the training stages "
                 "build one, and checkpoints trained with retrieval carry it in assets/retrieval"
             )
-        keys = retrieval_keys(tower_tokens)
+        keys = self.datastore.query_keys(tower_tokens)
         captions = self.datastore.neighbour_captions(keys, settings.k, image_ids, settings.pool)
         return self.llm.context_ids(captions, settings.max_tokens)
 
@@ -291,14 +292,53 @@ class BITA(nn.Module):
         images: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
         image_ids: list[str] | None = None,
+        rerank: str = "none",
         **decode: Any,
     ) -> list[str]:
         """One caption per image (or cached tower `features`), `generate`'s `decode` settings;
         with `model.retrieval`, after the captions retrieved for it (never those of the
-        datastore entry whose id is in `image_ids`)."""
+        datastore entry whose id is in `image_ids`). `rerank="consensus"` returns, of each
+        image's beams, the one that agrees most with its neighbours' captions
+        (`consensus_beams`)."""
         tower = self.tower_tokens(images, features)
         contexts = self.retrieved_contexts(tower, image_ids)
-        return self.generate(self.ln_vision(tower.float()), contexts=contexts, **decode)
+        tokens = self.ln_vision(tower.float())
+        if rerank == "consensus":
+            return self.consensus_beams(tower, tokens, contexts, image_ids, **decode)
+        if rerank != "none":
+            raise ValueError(f"decode.rerank={rerank!r}: expected one of {RERANKS}")
+        return self.generate(tokens, contexts=contexts, **decode)
+
+    def consensus_beams(
+        self,
+        tower: torch.Tensor,
+        image_tokens: torch.Tensor,
+        contexts: Contexts,
+        image_ids: list[str] | None,
+        **decode: Any,
+    ) -> list[str]:
+        """Of each image's `num_beams` finished beams, the one with the highest CIDEr-D against
+        the captions of its `max(k, pool)` nearest training images (never its own entry):
+        consensus reranking (Devlin et al. 2015) of generated captions only. The LM alone
+        reads two retrieved captions; the reranker weighs the whole pool's."""
+        if self.datastore is None:
+            raise ValueError(
+                "decode.rerank=consensus ranks beams against the retrieved neighbours' captions: "
+                "the model needs model.retrieval and its datastore"
+            )
+        beams = int(decode.get("num_beams", 1))
+        candidates = self.generate(
+            image_tokens, contexts=contexts, num_return_sequences=beams, **decode
+        )
+        settings = self.settings.retrieval
+        keys = self.datastore.query_keys(tower)
+        neighbours = self.datastore.neighbour_captions(
+            keys, max(settings.k, settings.pool), image_ids
+        )
+        return [
+            self.datastore.most_agreed(candidates[i * beams : (i + 1) * beams], references)
+            for i, references in enumerate(neighbours)
+        ]
 
     @torch.no_grad()
     def generate(
@@ -317,8 +357,10 @@ class BITA(nn.Module):
         temperature: float = 1.0,
         beam_loop: str = "bita",
         cuda_graph: bool = True,
+        num_return_sequences: int = 1,
     ) -> list[str]:
-        """One caption per image (SPEC §3 defaults): beam search, stop at "\n", stripped;
+        """`num_return_sequences` captions per image, best first (SPEC §3 defaults: one, by
+        beam search), each stopped at "\n" and stripped;
         `beam_loop` and `cuda_graph` choose how it runs (`PrefixLM.generate`), not what it
         writes. A model with `model.retrieval` needs the `contexts` (`retrieved_contexts`;
         `caption` does it all)."""
@@ -342,6 +384,7 @@ class BITA(nn.Module):
             do_sample=do_sample,
             beam_loop=beam_loop,
             cuda_graph=cuda_graph,
+            num_return_sequences=num_return_sequences,
             **sampling,
         )
 
@@ -419,7 +462,7 @@ class BITA(nn.Module):
             )
         tower = tower_key_settings(cfg["encoder"], self.encoder)
         data = store.settings["data"]  # the recorded fingerprint vouches for it
-        self.use_datastore(store, datastore_settings(tower, settings.caption, data))
+        self.use_datastore(store, datastore_settings(tower, settings, data))
 
     def _count(self, module: nn.Module, *patterns: str) -> int:
         return sum(

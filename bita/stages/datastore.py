@@ -39,7 +39,7 @@ def attach_datastore(ctx: StageContext, model: torch.nn.Module) -> None:
         return
     tower = tower_key_settings(ctx.cfg.encoder, model.encoder)
     data = training_data_settings(ctx.cfg.dataset)
-    expected = datastore_settings(tower, settings.caption, data)
+    expected = datastore_settings(tower, settings, data)
     if settings.datastore:
         folder, store = Path(settings.datastore), Datastore.load(settings.datastore)
     else:

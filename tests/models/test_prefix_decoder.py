@@ -68,6 +68,7 @@ def test_bita_beam_loop_writes_the_transformers_captions(caption_tokenizer, layo
         {"num_beams": 3, "max_new_tokens": 8, "min_new_tokens": 0},
         {"num_beams": 5, "max_new_tokens": 12, "min_new_tokens": 2, "length_penalty": 0.6},
         {"num_beams": 2, "max_new_tokens": 6, "min_new_tokens": 6, "length_penalty": 1.5},
+        {"num_beams": 4, "max_new_tokens": 10, "min_new_tokens": 1, "num_return_sequences": 4},
     ]
     ended_early = []
     for seed in range(6):
@@ -76,7 +77,9 @@ def test_bita_beam_loop_writes_the_transformers_captions(caption_tokenizer, layo
             ours = lm.generate(prefix, "a photo of ", beam_loop="bita", **search)
             theirs = lm.generate(prefix, "a photo of ", beam_loop="transformers", **search)
             assert ours == theirs, (seed, search)
-            ended_early += [len(lm.tokenizer(t).input_ids) < search["max_new_tokens"] for t in ours]
+            if "num_return_sequences" not in search:  # an image's n best: ordered alike too
+                limit = search["max_new_tokens"]
+                ended_early += [len(lm.tokenizer(t).input_ids) < limit for t in ours]
     # the finishing rules were exercised: many captions ended before the token limit, not all
     assert 0.2 < sum(ended_early) / len(ended_early) < 0.8
 
@@ -119,6 +122,8 @@ def test_only_plain_beam_search_and_full_sampling_take_the_bita_loop():
     assert not BeamRules.apply_to({**beam, "num_beams": 1})
     assert not BeamRules.apply_to({**beam, "do_sample": True})
     assert not BeamRules.apply_to({**beam, "repetition_penalty": 2})
+    assert BeamRules.apply_to({**beam, "num_return_sequences": 5})
+    assert not BeamRules.apply_to({**beam, "num_return_sequences": 6})
     draw = {"do_sample": True, "top_k": 0, "top_p": 1.0, "max_new_tokens": 9}
     assert SampleRules.apply_to(draw)
     assert not SampleRules.apply_to({**draw, "top_p": 0.9})

@@ -45,7 +45,7 @@ def _demo_datastore(model):
 def _expected(model):
     tower = tower_key_settings(OmegaConf.load(CONF / "encoder" / "tiny.yaml"), model.encoder)
     data = training_data_settings(DEMO)
-    return datastore_settings(tower, model.settings.retrieval.caption, data)
+    return datastore_settings(tower, model.settings.retrieval, data)
 
 
 def test_the_nearest_entry_is_never_the_querys_own():
@@ -203,7 +203,7 @@ def test_an_edited_datastore_file_is_refused(tmp_path):
 
 
 def test_retrieval_settings_are_checked_by_name(tiny_cfg):
-    for key, value in (("k", 0), ("caption", "longest"), ("max_tokens", 0)):
+    for key, value in (("k", 0), ("caption", "longest"), ("max_tokens", 0), ("key", "pixels")):
         with pytest.raises(ValueError, match=f"model.retrieval.{key}"):
             build_model(_retrieving_cfg(tiny_cfg, **{key: value}))
     with pytest.raises(ValueError, match="model.retrieval: unknown keys"):
@@ -219,3 +219,30 @@ def test_neighbours_are_ranked_in_float32_under_autocast():
     plain = store.neighbour_captions(query, 10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert store.neighbour_captions(query, 10) == plain
+
+
+def test_consensus_reranking_returns_the_beam_the_neighbours_agree_with(tiny_cfg):
+    """decode.rerank=consensus: of the image's beams, the one closest to the captions of its
+    pool of nearest training images, which never holds the image's own entry."""
+    model = build_model(_retrieving_cfg(tiny_cfg, k=1, pool=3, caption="first")).eval()
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        keys = retrieval_keys(model.tower_tokens(images))
+    captions = [
+        "a lake with a boat",  # the query's own entry: left out
+        "planes parked at an airport",
+        "planes at the airport",
+        "a lake with a small boat",
+    ]
+    model.datastore = Datastore(keys.half(), [f"img{i}" for i in range(4)], captions, {})
+    beams = ["a boat on a lake", "green trees", "many planes are parked at an airport"]
+    model.generate = lambda tokens, contexts, num_return_sequences, **kw: beams
+    read = []
+    most_agreed = model.datastore.most_agreed
+    model.datastore.most_agreed = lambda c, r: read.append(r) or most_agreed(c, r)
+    chosen = model.caption(images[:1], image_ids=["img0"], rerank="consensus", num_beams=3)
+    assert chosen == ["many planes are parked at an airport"]
+    assert sorted(read[0]) == sorted(captions[1:])
+    without = build_model(tiny_cfg).eval()
+    with pytest.raises(ValueError, match="needs model.retrieval"):
+        without.caption(images[:1], rerank="consensus", num_beams=3)

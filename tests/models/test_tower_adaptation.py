@@ -7,7 +7,8 @@ import torch
 from bita.models.bita import ModelSettings
 from bita.models.build import build_model
 from bita.models.encoders import build_image_encoder
-from bita.models.tower_adaptation import SentenceEncoder, TowerAdaptation, load_tower_weights
+from bita.models.sentence_encoder import SentenceEncoder
+from bita.models.tower_adaptation import TowerAdaptation, load_tower_weights
 from bita.models.trainable import set_trainable
 
 from .conftest import CAPTIONS

@@ -64,11 +64,8 @@ def test_default_run_captions_every_val_image_without_stutter_and_says_where(def
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="target of issue 18 not met yet: val CIDEr .594 against the kNN floor's .700 "
-    "(experiments/RESULTS.md, default run); this test passes, and so fails as xfail, once it is",
-)
 def test_default_run_beats_knn_retrieval_on_its_val_images(default_run):
+    """CIDEr, the metric the floors are chosen by (measured: .757 against .700); BLEU-4 is
+    not compared, where the run stays just under retrieval (.272 against .280)."""
     metrics, knn = default_run["metrics"], default_run["knn"]["metrics"]
     assert metrics["CIDEr"] > knn["CIDEr"], (metrics, knn)
