@@ -79,9 +79,10 @@ def test_unknown_option_lists_the_valid_ones():
     assert "clip_vit_l14" in str(err.value) and "effnet_lite0" in str(err.value)
 
 
-def test_offline_rsicd_runs_scst_after_fine_tuning_with_its_trainables():
+def test_offline_rsicd_ends_with_fine_tuning_and_keeps_scst_with_its_trainables():
+    """scst is out of the order (it lowered val CIDEr after reranking) but one override away."""
     stage = composed("experiment=offline_rsicd").stage
-    assert list(stage.order[-3:]) == ["finetune", "scst", "evaluate"]
+    assert list(stage.order[-2:]) == ["finetune", "evaluate"] and "scst" not in stage.order
     assert stage.recipes.scst.recipe == "self_critical"
     assert list(stage.recipes.scst.trainable) == list(stage.recipes.finetune.trainable)
     assert "llm.*" in stage.recipes.scst.trainable
