@@ -315,6 +315,7 @@ class BITA(nn.Module):
         image_tokens: torch.Tensor,
         contexts: Contexts,
         image_ids: list[str] | None,
+        num_beams: int = 5,  # generate's default: the candidates are split by this count
         **decode: Any,
     ) -> list[str]:
         """Of each image's `num_beams` finished beams, the one with the highest CIDEr-D against
@@ -326,9 +327,9 @@ class BITA(nn.Module):
                 "decode.rerank=consensus ranks beams against the retrieved neighbours' captions: "
                 "the model needs model.retrieval and its datastore"
             )
-        beams = int(decode.get("num_beams", 1))
+        beams = num_beams
         candidates = self.generate(
-            image_tokens, contexts=contexts, num_return_sequences=beams, **decode
+            image_tokens, contexts=contexts, num_beams=beams, num_return_sequences=beams, **decode
         )
         settings = self.settings.retrieval
         keys = self.datastore.query_keys(tower)

@@ -236,13 +236,20 @@ def test_consensus_reranking_returns_the_beam_the_neighbours_agree_with(tiny_cfg
     ]
     model.datastore = Datastore(keys.half(), [f"img{i}" for i in range(4)], captions, {})
     beams = ["a boat on a lake", "green trees", "many planes are parked at an airport"]
-    model.generate = lambda tokens, contexts, num_return_sequences, **kw: beams
+    model.generate = lambda tokens, contexts, num_beams, num_return_sequences, **kw: beams
     read = []
     most_agreed = model.datastore.most_agreed
     model.datastore.most_agreed = lambda c, r: read.append(r) or most_agreed(c, r)
     chosen = model.caption(images[:1], image_ids=["img0"], rerank="consensus", num_beams=3)
     assert chosen == ["many planes are parked at an airport"]
     assert sorted(read[0]) == sorted(captions[1:])
+    # without num_beams, generate's default of 5 candidates per image is what is split
+    asked = []
+    model.generate = lambda tokens, contexts, num_beams, num_return_sequences, **kw: (
+        asked.append((num_beams, num_return_sequences)) or [f"plane {i}" for i in range(10)]
+    )
+    assert model.caption(images[:2], rerank="consensus") == ["plane 0", "plane 5"]
+    assert asked == [(5, 5)]
     without = build_model(tiny_cfg).eval()
     with pytest.raises(ValueError, match="needs model.retrieval"):
         without.caption(images[:1], rerank="consensus", num_beams=3)
