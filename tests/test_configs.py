@@ -88,6 +88,15 @@ def test_offline_rsicd_ends_with_fine_tuning_and_keeps_scst_with_its_trainables(
     assert "llm.*" in stage.recipes.scst.trainable
 
 
+def test_offline_rsicd_adapts_the_tower_before_stage_one_from_a_cut_cache():
+    """The cache tool and the stages read one config: the cache holds the cut's activations."""
+    cfg = composed("experiment=offline_rsicd")
+    order = list(cfg.stage.order)
+    assert order.index("tower") < order.index("pretrain1")
+    assert cfg.encoder.adapt_blocks == 2 and cfg.features.activations == "cut"
+    assert cfg.stage.recipes.tower.cached_activations == "cut"
+
+
 BAD_VALUES = [
     ("train.max_steps=0", "train.max_steps=0: expected an integer >= 1"),
     ("train.max_steps=-5", "train.max_steps=-5: expected an integer >= 1"),

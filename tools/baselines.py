@@ -12,6 +12,10 @@ train split and of `--split` through its eval transform; with it the cache's tok
 (the train split's first cached view: the eval view when the cache was made with augment=false,
 a random crop otherwise). Writes `--json` (default runs/baselines/<dataset>_<split>.json): the
 settings, the metrics of both floors and every image's chosen caption.
+
+Two diagnostics compare towers on the same images: `--aligned` adds kNN retrieval with
+caption-aligned keys (the ridge map of `model.retrieval.key: caption_aligned`, fitted on the
+train split), `--probe` the linear-probe scene accuracy of the features (bita/eval/scene_probe.py).
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from bita.data import features, stream
+from bita.data.datastore import CAPTION_TOKENS
 from bita.engine.distributed import apply_thread_count
 from bita.eval.baselines import (
     SplitFeatures,
@@ -35,8 +41,11 @@ from bita.eval.baselines import (
 )
 from bita.eval.cider_reward import CiderReward
 from bita.eval.metrics import score_captions
+from bita.eval.scene_probe import scene_probe_accuracy
 from bita.eval.tables import metrics_table
+from bita.models.caption_keys import fit_key_projection
 from bita.models.encoders import FrozenImageEncoder
+from bita.models.sentence_encoder import SentenceEncoder
 from bita.run import compose_config
 from bita.stages.features import build_tower
 
@@ -51,6 +60,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--k", type=int, default=25, help="train images retrieved per query")
     parser.add_argument("--json", type=Path, default=None, help="where the JSON goes")
     parser.add_argument("--batch-size", type=int, default=64, help="images per tower pass")
+    parser.add_argument(
+        "--aligned", action="store_true", help="also kNN retrieval with caption-aligned keys"
+    )
+    parser.add_argument(
+        "--probe", action="store_true", help="also the linear-probe scene accuracy (diagnostic)"
+    )
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if "=" not in o]
     if unknown:
@@ -107,8 +122,28 @@ def read_split(
     return SplitFeatures(ids, torch.cat(vectors), references, scenes)
 
 
-def floors(train: SplitFeatures, query: SplitFeatures, k: int, spice: str | None) -> dict:
-    """Both floors' captions and metrics (the oracle's `error` where classes are missing)."""
+def caption_aligned(
+    train: SplitFeatures, query: SplitFeatures, text_encoder: str
+) -> tuple[SplitFeatures, SplitFeatures]:
+    """Both splits with their features mapped by the caption-aligned key projection that a
+    datastore of `train` would fit (bita/models/caption_keys.py)."""
+    text = SentenceEncoder.from_location(
+        text_encoder, CAPTION_TOKENS, "model.retrieval.text_encoder"
+    )
+    projection = fit_key_projection(train.features, train.references, text)
+    log.info("caption-aligned keys: ridge alpha %.3g", projection.alpha)
+    return tuple(replace(split, features=projection(split.features)) for split in (train, query))
+
+
+def floors(
+    train: SplitFeatures,
+    query: SplitFeatures,
+    k: int,
+    spice: str | None,
+    aligned: tuple[SplitFeatures, SplitFeatures] | None = None,
+) -> dict:
+    """Both floors' captions and metrics (the oracle's `error` where classes are missing), and
+    kNN on the `aligned` (train, query) features when given."""
     reward = CiderReward(train.references)
     references = dict(zip(query.image_ids, query.references, strict=True))
     results = {}
@@ -116,6 +151,8 @@ def floors(train: SplitFeatures, query: SplitFeatures, k: int, spice: str | None
         "knn": lambda: knn_captions(train, query, reward, k),
         "class_oracle": lambda: class_oracle_captions(train, query, reward),
     }
+    if aligned is not None:
+        choosers["knn_caption_aligned"] = lambda: knn_captions(*aligned, reward, k)
     for name, choose in choosers.items():
         try:
             captions = choose()
@@ -143,17 +180,28 @@ def main(argv: list[str] | None = None) -> int:
     read = {"train": True, "batch_size": args.batch_size}
     train = read_split(cfg, tower, str(cfg.dataset.train_split), **read)
     query = read_split(cfg, tower, split, **{**read, "train": False})
-    results = floors(train, query, args.k, cfg.paths.spice)
+    text_encoder = str(cfg.model.retrieval.text_encoder)
+    aligned = caption_aligned(train, query, text_encoder) if args.aligned else None
+    results = floors(train, query, args.k, cfg.paths.spice, aligned)
 
+    labels = {
+        "knn": f"kNN retrieval, k={args.k}",
+        "knn_caption_aligned": f"kNN retrieval, caption-aligned keys, k={args.k}",
+        "class_oracle": "class oracle",
+    }
     rows = {
         f"{label} ({source} {split})": results[name]["metrics"]
-        for name, label in (("knn", f"kNN retrieval, k={args.k}"), ("class_oracle", "class oracle"))
-        if "metrics" in results[name]
+        for name, label in labels.items()
+        if "metrics" in results.get(name, {})
     }
     print(metrics_table(rows))
     for name, result in results.items():
         if "error" in result:
             print(f"{name}: not computed: {result['error']}")
+    probe = scene_probe_accuracy(train, query) if args.probe else None
+    if probe is not None:
+        scores = ", ".join(f"C={c:g}: {a:.3f}" for c, a in probe["accuracy"].items())
+        print(f"scene probe on {probe['images']} {split} images of train classes: {scores}")
     out = args.json or Path("runs") / "baselines" / f"{cfg.dataset.name}_{split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = {
@@ -165,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "k": args.k,
         "features": str(cfg.features.root or f"the {cfg.encoder.model} tower on the images"),
         "floors": results,
+        "scene_probe": probe,
     }
     out.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"written: {out}")

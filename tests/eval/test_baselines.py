@@ -105,3 +105,23 @@ def test_command_line_prints_both_floors_and_writes_json(tmp_path, capsys):
     assert oracle["distinct_captions"] == 31  # one caption per scene class of the sample
     knn = summary["floors"]["knn"]
     assert len(knn["captions"]) == 31 and 0 < knn["metrics"]["CIDEr"] < oracle["metrics"]["CIDEr"]
+
+
+def test_command_line_adds_caption_aligned_knn_and_the_scene_probe(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("tools_baselines", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "floors.json"
+
+    assert (
+        tool.main(["experiment=tiny", "--k", "5", "--json", str(out), "--aligned", "--probe"]) == 0
+    )
+
+    printed = capsys.readouterr().out
+    assert "| kNN retrieval, caption-aligned keys, k=5 (rsicd val) |" in printed
+    assert "scene probe on 31 val images of train classes: C=0.1:" in printed
+    summary = json.loads(out.read_text())
+    aligned = summary["floors"]["knn_caption_aligned"]
+    assert len(aligned["captions"]) == 31 and aligned["metrics"]["CIDEr"] > 0
+    assert summary["scene_probe"]["images"] == 31
+    assert set(summary["scene_probe"]["accuracy"]) == {"0.1", "1.0"}
