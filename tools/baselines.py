@@ -31,7 +31,6 @@ import torch
 from omegaconf import DictConfig
 
 from bita.data import features, stream
-from bita.data.datastore import CAPTION_TOKENS
 from bita.engine.distributed import apply_thread_count
 from bita.eval.baselines import (
     SplitFeatures,
@@ -43,9 +42,8 @@ from bita.eval.cider_reward import CiderReward
 from bita.eval.metrics import score_captions
 from bita.eval.scene_probe import scene_probe_accuracy
 from bita.eval.tables import metrics_table
-from bita.models.caption_keys import fit_key_projection
+from bita.models.caption_keys import fit_key_projection_with
 from bita.models.encoders import FrozenImageEncoder
-from bita.models.sentence_encoder import SentenceEncoder
 from bita.run import compose_config
 from bita.stages.features import build_tower
 
@@ -127,11 +125,7 @@ def caption_aligned(
 ) -> tuple[SplitFeatures, SplitFeatures]:
     """Both splits with their features mapped by the caption-aligned key projection that a
     datastore of `train` would fit (bita/models/caption_keys.py)."""
-    text = SentenceEncoder.from_location(
-        text_encoder, CAPTION_TOKENS, "model.retrieval.text_encoder"
-    )
-    projection = fit_key_projection(train.features, train.references, text)
-    log.info("caption-aligned keys: ridge alpha %.3g", projection.alpha)
+    projection = fit_key_projection_with(text_encoder, train.features, train.references)
     return tuple(replace(split, features=projection(split.features)) for split in (train, query))
 
 

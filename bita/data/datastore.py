@@ -25,14 +25,11 @@ from bita.data.skips import SkipLog
 from bita.data.stream import ShardSet, split_records
 from bita.eval.cider_reward import CiderReward
 from bita.locations import resolve_location
-from bita.models.caption_keys import KeyProjection, fit_key_projection
+from bita.models.caption_keys import KeyProjection, fit_key_projection_with
 from bita.models.encoders import FrozenImageEncoder
 from bita.models.retrieval import Datastore, retrieval_keys
-from bita.models.sentence_encoder import SentenceEncoder
 
 log = logging.getLogger(__name__)
-
-CAPTION_TOKENS = 32  # sentence-encoder tokens per caption (RSICD captions: under 30 words)
 
 
 def training_data_settings(dataset_cfg: Any) -> dict:
@@ -85,11 +82,7 @@ def _stored_keys(
     them (caption-aligned keys) or None (tower keys)."""
     if key["kind"] != "caption_aligned":
         return tower_keys, None
-    text = SentenceEncoder.from_location(
-        str(key["text_encoder"]), CAPTION_TOKENS, "model.retrieval.text_encoder"
-    )
-    projection = fit_key_projection(tower_keys, groups, text)
-    log.info("retrieval datastore: caption-aligned keys (ridge alpha %.3g)", projection.alpha)
+    projection = fit_key_projection_with(str(key["text_encoder"]), tower_keys, groups)
     return projection(tower_keys), projection
 
 

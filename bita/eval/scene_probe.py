@@ -29,7 +29,8 @@ def scene_probe_accuracy(
 
     if any(scene is None for scene in train.scenes):
         raise ValueError("scene probe: training records without a scene class")
-    known = [i for i, scene in enumerate(query.scenes) if scene in set(train.scenes)]
+    train_classes = set(train.scenes)
+    known = [i for i, scene in enumerate(query.scenes) if scene in train_classes]
     if not known:
         raise ValueError("scene probe: no query image has a scene class seen in train")
     x_train, y_train = train.features.numpy(), np.asarray(train.scenes)

@@ -327,9 +327,12 @@ class BITA(nn.Module):
                 "decode.rerank=consensus ranks beams against the retrieved neighbours' captions: "
                 "the model needs model.retrieval and its datastore"
             )
-        beams = num_beams
         candidates = self.generate(
-            image_tokens, contexts=contexts, num_beams=beams, num_return_sequences=beams, **decode
+            image_tokens,
+            contexts=contexts,
+            num_beams=num_beams,
+            num_return_sequences=num_beams,
+            **decode,
         )
         settings = self.settings.retrieval
         keys = self.datastore.query_keys(tower)
@@ -337,7 +340,7 @@ class BITA(nn.Module):
             keys, max(settings.k, settings.pool), image_ids
         )
         return [
-            self.datastore.most_agreed(candidates[i * beams : (i + 1) * beams], references)
+            self.datastore.most_agreed(candidates[i * num_beams : (i + 1) * num_beams], references)
             for i, references in enumerate(neighbours)
         ]
 

@@ -16,6 +16,7 @@ nearest training images scores CIDEr .700 with the tower's keys and .753 with th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,8 +26,11 @@ import torch.nn.functional as F
 
 from bita.models.sentence_encoder import SentenceEncoder
 
+log = logging.getLogger(__name__)
+
 # Ridge strengths RidgeCV chooses among (unit-length inputs and targets).
 ALPHAS = tuple(float(a) for a in np.logspace(-3, 1, 9))
+CAPTION_TOKENS = 32  # sentence-encoder tokens per caption (RSICD captions: under 30 words)
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,19 @@ def fit_key_projection(
         torch.from_numpy(np.asarray(ridge.intercept_)).float(),
         float(ridge.alpha_),
     )
+
+
+def fit_key_projection_with(
+    text_encoder: str, tower_keys: torch.Tensor, caption_groups: Sequence[Sequence[str]]
+) -> KeyProjection:
+    """`fit_key_projection` with the sentence encoder at `text_encoder` (the location that
+    `model.retrieval.text_encoder` names), as a datastore fits it."""
+    text = SentenceEncoder.from_location(
+        text_encoder, CAPTION_TOKENS, "model.retrieval.text_encoder"
+    )
+    projection = fit_key_projection(tower_keys, caption_groups, text)
+    log.info("caption-aligned keys: ridge alpha %.3g", projection.alpha)
+    return projection
 
 
 def caption_targets(caption_groups: Sequence[Sequence[str]], text: SentenceEncoder) -> torch.Tensor:

@@ -76,11 +76,9 @@ def test_a_caption_aligned_datastore_has_its_own_fingerprint(
     """Built from the demo's training split: the map is fitted there and the keys are the
     mapped ones; the tower-key datastore of the same split has another fingerprint, so a
     checkpoint trained with one never loads the other."""
-    import bita.data.datastore as datastore_module
+    from bita.models.sentence_encoder import SentenceEncoder
 
-    monkeypatch.setattr(
-        datastore_module.SentenceEncoder, "from_location", lambda *a, **kw: sentence_encoder
-    )
+    monkeypatch.setattr(SentenceEncoder, "from_location", lambda *a, **kw: sentence_encoder)
     dataset = OmegaConf.load(CONF / "dataset" / "demo_mini.yaml")
     cfg = tiny_cfg.copy()
     cfg.model.retrieval = {**cfg.model.retrieval, "enabled": True, "key": "caption_aligned"}
