@@ -93,7 +93,8 @@ def test_offline_rsicd_adapts_the_tower_before_stage_one_from_a_cut_cache():
     cfg = composed("experiment=offline_rsicd")
     order = list(cfg.stage.order)
     assert order.index("tower") < order.index("pretrain1")
-    assert cfg.encoder.adapt_blocks == 2 and cfg.features.activations == "cut"
+    assert cfg.encoder.adapt_blocks == 6 and cfg.features.activations == "cut"
+    assert cfg.decode.rerank == "mbr" and cfg.model.retrieval.enabled
     assert cfg.stage.recipes.tower.cached_activations == "cut"
 
 

@@ -4,9 +4,9 @@ One pass over the split in shard order: each image's eval-view tower tokens (fro
 cache when its training views are eval views, else the image shards through the tower's eval
 transform), mean-pooled and L2-normalised as keys (mapped into the captions' sentence space for
 caption-aligned keys, the map fitted here on all of each image's captions), and one of its
-usable captions: the first, or the most central one, whose CIDEr-D against the image's other
-captions (idf of the whole split) is highest, a consensus caption rather than one annotator's
-aside.
+usable captions (what the LM reads): the first, or the most central one, whose CIDEr-D against the
+image's other captions (idf of the whole split) is highest, a consensus caption rather than one
+annotator's aside; and all of them, which `decode.rerank=mbr` weighs.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def build_datastore(
     chosen = central_captions(groups) if caption == "central" else [g[0] for g in groups]
     log.info("retrieval datastore: %d training images, %s captions", len(ids), caption)
     keys, projection = _stored_keys(torch.cat(keys), groups, settings["key"])
-    return Datastore(keys.half(), ids, chosen, dict(settings), projection)
+    return Datastore(keys.half(), ids, chosen, dict(settings), projection, groups)
 
 
 def _stored_keys(

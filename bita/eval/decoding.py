@@ -35,6 +35,7 @@ class DecodeSettings:
     beam_loop: str = "bita"
     cuda_graph: bool = True
     rerank: str = "none"
+    rerank_neighbours: int = 40
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -48,14 +49,16 @@ class DecodeSettings:
             "batch_size": self.batch_size >= 1,
             "beam_loop": self.beam_loop in BEAM_LOOPS,
             "rerank": self.rerank in RERANKS and (self.rerank == "none" or self.num_beams > 1),
+            "rerank_neighbours": self.rerank_neighbours >= 1,
         }
         wrong = [name for name, ok in checks.items() if not ok]
         if wrong:
             raise ConfigError(
                 f"decode.{wrong[0]}={getattr(self, wrong[0])!r} is invalid: expected "
-                "num_beams, max_new_tokens, batch_size >= 1, 0 <= min_new_tokens <= "
+                "num_beams, max_new_tokens, batch_size, rerank_neighbours >= 1, "
+                "0 <= min_new_tokens <= "
                 "max_new_tokens, repetition_penalty > 0, 0 < top_p <= 1, temperature > 0, "
-                f"beam_loop in {BEAM_LOOPS}, rerank in {RERANKS} (consensus: num_beams >= 2)"
+                f"beam_loop in {BEAM_LOOPS}, rerank in {RERANKS} (other than none: num_beams >= 2)"
             )
 
     @classmethod

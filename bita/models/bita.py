@@ -32,7 +32,7 @@ from bita.models.retrieval import (
 )
 from bita.models.self_critical import SelfCritical, self_critical_loss
 
-RERANKS = ("none", "consensus")  # decode.rerank: how an image's caption is chosen among its beams
+RERANKS = ("none", "consensus", "mbr")  # decode.rerank: how an image's caption is chosen
 
 # BITA's own parts: always in its checkpoint (small, trained by this project)
 OWN_PARTS = ("query_tokens", "ln_vision", "ift", "vision_proj", "text_proj", "temp", "llm_proj")
@@ -293,18 +293,24 @@ class BITA(nn.Module):
         features: torch.Tensor | None = None,
         image_ids: list[str] | None = None,
         rerank: str = "none",
+        rerank_neighbours: int = 40,
         **decode: Any,
     ) -> list[str]:
         """One caption per image (or cached tower `features`), `generate`'s `decode` settings;
         with `model.retrieval`, after the captions retrieved for it (never those of the
         datastore entry whose id is in `image_ids`). `rerank="consensus"` returns, of each
         image's beams, the one that agrees most with its neighbours' captions
-        (`consensus_beams`)."""
+        (`consensus_beams`); `rerank="mbr"` lets the captions of its `rerank_neighbours`
+        nearest training images compete with the beams (`mbr_captions`)."""
         tower = self.tower_tokens(images, features)
         contexts = self.retrieved_contexts(tower, image_ids)
         tokens = self.ln_vision(tower.float())
         if rerank == "consensus":
             return self.consensus_beams(tower, tokens, contexts, image_ids, **decode)
+        if rerank == "mbr":
+            return self.mbr_captions(
+                tower, tokens, contexts, image_ids, rerank_neighbours, **decode
+            )
         if rerank != "none":
             raise ValueError(f"decode.rerank={rerank!r}: expected one of {RERANKS}")
         return self.generate(tokens, contexts=contexts, **decode)
@@ -322,27 +328,61 @@ class BITA(nn.Module):
         the captions of its `max(k, pool)` nearest training images (never its own entry):
         consensus reranking (Devlin et al. 2015) of generated captions only. The LM alone
         reads two retrieved captions; the reranker weighs the whole pool's."""
-        if self.datastore is None:
-            raise ValueError(
-                "decode.rerank=consensus ranks beams against the retrieved neighbours' captions: "
-                "the model needs model.retrieval and its datastore"
-            )
-        candidates = self.generate(
-            image_tokens,
-            contexts=contexts,
-            num_beams=num_beams,
-            num_return_sequences=num_beams,
-            **decode,
-        )
+        beams = self._beams_per_image(image_tokens, contexts, "consensus", num_beams, **decode)
         settings = self.settings.retrieval
         keys = self.datastore.query_keys(tower)
         neighbours = self.datastore.neighbour_captions(
             keys, max(settings.k, settings.pool), image_ids
         )
         return [
-            self.datastore.most_agreed(candidates[i * num_beams : (i + 1) * num_beams], references)
-            for i, references in enumerate(neighbours)
+            self.datastore.most_agreed(candidates, references)
+            for candidates, references in zip(beams, neighbours, strict=True)
         ]
+
+    def mbr_captions(
+        self,
+        tower: torch.Tensor,
+        image_tokens: torch.Tensor,
+        contexts: Contexts,
+        image_ids: list[str] | None,
+        neighbours: int,
+        num_beams: int = 5,
+        **decode: Any,
+    ) -> list[str]:
+        """Minimum Bayes risk over each image's `num_beams` beams and every caption of its
+        `neighbours` nearest training images (never its own entry), against those captions
+        (`Datastore.mbr_choice`). The generated captions compete with what retrieval would
+        say, so the captioner keeps whichever the neighbours support more."""
+        beams = self._beams_per_image(image_tokens, contexts, "mbr", num_beams, **decode)
+        rows = self.datastore.nearest_rows(self.datastore.query_keys(tower), neighbours, image_ids)
+        return [
+            self.datastore.mbr_choice(candidates, nearest)
+            for candidates, nearest in zip(beams, rows, strict=True)
+        ]
+
+    def _beams_per_image(
+        self,
+        image_tokens: torch.Tensor,
+        contexts: Contexts,
+        rerank: str,
+        num_beams: int,
+        **decode: Any,
+    ) -> list[list[str]]:
+        """Each image's `num_beams` finished beams, best first, for a reranker that needs the
+        datastore."""
+        if self.datastore is None:
+            raise ValueError(
+                f"decode.rerank={rerank} ranks beams against the retrieved neighbours' "
+                "captions: the model needs model.retrieval and its datastore"
+            )
+        flat = self.generate(
+            image_tokens,
+            contexts=contexts,
+            num_beams=num_beams,
+            num_return_sequences=num_beams,
+            **decode,
+        )
+        return [flat[i : i + num_beams] for i in range(0, len(flat), num_beams)]
 
     @torch.no_grad()
     def generate(

@@ -30,13 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bita.eval.cider_reward import CiderReward
+from bita.eval.cider_reward import CiderReward, reward_tokens
 from bita.models.caption_keys import KeyProjection
 
-FORMAT = "bita-retrieval/1"
+FORMAT = "bita-retrieval/2"  # 2: every usable caption of each image (`caption_sets`)
 KEYS_FILE = "keys.safetensors"
 INDEX_FILE = "datastore.json"
 CAPTION_CHOICES = ("central", "first")
@@ -109,20 +110,26 @@ def fingerprint(settings: Mapping[str, Any]) -> str:
 
 @dataclass
 class Datastore:
-    """The training images' keys [N, width] (fp16, unit length), ids and one caption each; with
-    caption-aligned keys, the `projection` that maps a tower key to one."""
+    """The training images' keys [N, width] (fp16, unit length), ids, one caption each (what
+    the LM reads) and all their captions (`caption_sets`, what `mbr_choice` weighs; by default
+    the one caption); with caption-aligned keys, the `projection` that maps a tower key to one."""
 
     keys: torch.Tensor
     ids: list[str]
     captions: list[str]
     settings: dict
     projection: KeyProjection | None = None
+    caption_sets: list[list[str]] | None = None
 
     def __post_init__(self) -> None:
-        if not (len(self.keys) == len(self.ids) == len(self.captions)) or not self.ids:
+        if self.caption_sets is None:
+            self.caption_sets = [[caption] for caption in self.captions]
+        sizes = {len(self.keys), len(self.ids), len(self.captions), len(self.caption_sets)}
+        if len(sizes) != 1 or not self.ids or not all(self.caption_sets):
             raise ValueError(
                 f"datastore: {len(self.keys)} keys, {len(self.ids)} ids, {len(self.captions)} "
-                "captions; expected the same number, at least one"
+                f"captions, {len(self.caption_sets)} caption sets; expected the same number, at "
+                "least one, and at least one caption in each set"
             )
         aligned = self.settings.get("key", {}).get("kind") == "caption_aligned"
         if aligned != (self.projection is not None):
@@ -155,19 +162,45 @@ class Datastore:
         the `k` of the `pool` nearest entries' captions that agree most with the others
         (`CiderReward.consensus`), most agreed first: what kNN caption retrieval returns,
         so the LM reads the consensus of many neighbours rather than the two nearest."""
+        nearest = self.nearest_rows(queries, max(k, pool), exclude)
+        if pool:
+            nearest = [self._most_agreed(tuple(rows))[:k] for rows in nearest]
+        return [[self.captions[row] for row in rows] for rows in nearest]
+
+    def nearest_rows(
+        self, queries: torch.Tensor, count: int, exclude: Sequence[str | None] | None = None
+    ) -> list[list[int]]:
+        """The rows of the `count` entries nearest each query key [B, width], nearest first,
+        never the entry whose id is the query's `exclude[i]`."""
         with torch.autocast(queries.device.type, enabled=False):  # bf16 would tie neighbours
             scores = queries.float() @ self._on(queries.device).T
         own = [(i, self._row.get(image_id)) for i, image_id in enumerate(exclude or [])]
         own = [(i, row) for i, row in own if row is not None]
         for index, row in own:
             scores[index, row] = float("-inf")
-        take = min(max(k, pool), len(self.ids) - bool(own))
+        take = min(count, len(self.ids) - bool(own))
         if take < 1:
             raise ValueError(f"datastore of {len(self.ids)} image(s): nothing left to retrieve")
-        nearest = scores.topk(take, dim=1).indices.tolist()
-        if pool:
-            nearest = [self._most_agreed(tuple(rows))[:k] for rows in nearest]
-        return [[self.captions[row] for row in rows] for rows in nearest]
+        return scores.topk(take, dim=1).indices.tolist()
+
+    def mbr_choice(self, beams: Sequence[str], rows: Sequence[int]) -> str:
+        """Minimum Bayes risk over the beams and every caption of the entries `rows`: the
+        candidate with the highest mean CIDEr-D against those captions, a candidate's own copy
+        among them left out (beams first on ties). Where the tower's neighbours agree more
+        than any beam does, their consensus caption wins, as kNN retrieval would choose it;
+        elsewhere the beam closest to it does."""
+        references = [caption for row in rows for caption in self.caption_sets[row]]
+        candidates = list(beams) + references
+        against = self._consensus_reward().pairwise(candidates)[:, len(beams) :]
+        reference_tokens = [reward_tokens(caption) for caption in references]
+        scores = []
+        for i, caption in enumerate(candidates):
+            total, count = float(against[i].sum()), len(references)
+            tokens = reward_tokens(caption)
+            if tokens in reference_tokens:  # the candidate's own copy does not vote for it
+                total, count = total - against[i, reference_tokens.index(tokens)], count - 1
+            scores.append(total / max(count, 1))
+        return candidates[int(np.argmax(scores))]
 
     def most_agreed(self, candidates: Sequence[str], references: Sequence[str]) -> str:
         """The candidate with the highest CIDEr-D against `references` (idf over the
@@ -211,6 +244,7 @@ class Datastore:
             "settings": self.settings,
             "ids": self.ids,
             "captions": self.captions,
+            "caption_sets": self.caption_sets,
         }
         (folder / INDEX_FILE).write_text(json.dumps(index, ensure_ascii=False), encoding="utf-8")
         return folder
@@ -238,6 +272,7 @@ class Datastore:
             index["captions"],
             index["settings"],
             KeyProjection.from_tensors(tensors),
+            index["caption_sets"],
         )
         if store.fingerprint != index["fingerprint"]:
             raise ValueError(

@@ -42,7 +42,8 @@ def test_overrides_replace_config_and_none_keeps_it():
         ({"num_beams": "5"}, "decode.num_beams='5': expected a int"),
         ({"do_sample": 1}, "decode.do_sample=1: expected a bool"),
         ({"num_beams": True}, "decode.num_beams=True: expected a int"),
-        ({"rerank": "mbr"}, "decode.rerank='mbr' is invalid"),
+        ({"rerank": "vote"}, "decode.rerank='vote' is invalid"),
+        ({"rerank_neighbours": 0}, "decode.rerank_neighbours=0 is invalid"),
         ({"rerank": "consensus", "num_beams": 1}, "decode.rerank='consensus' is invalid"),
     ],
 )

@@ -253,3 +253,57 @@ def test_consensus_reranking_returns_the_beam_the_neighbours_agree_with(tiny_cfg
     without = build_model(tiny_cfg).eval()
     with pytest.raises(ValueError, match="needs model.retrieval"):
         without.caption(images[:1], rerank="consensus", num_beams=3)
+
+
+def test_mbr_lets_the_neighbours_captions_compete_with_the_beams(tiny_cfg):
+    """decode.rerank=mbr: beams and every caption of the nearest training images are scored
+    against those captions, a candidate's own copy left out. A neighbour's caption wins where
+    the neighbours agree on it more than on any beam; the query's own entry is never read."""
+    model = build_model(_retrieving_cfg(tiny_cfg, k=1, pool=3, caption="first")).eval()
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        keys = retrieval_keys(model.tower_tokens(images))
+    sets = [
+        ["many planes are parked at an airport"] * 2,  # the query's own entry: never read
+        ["a river runs through a green forest", "a river in a forest"],
+        ["a river runs through a green forest", "green trees along a river"],
+        ["a river runs through a dense green forest", "a bridge over a river"],
+    ]
+    model.datastore = Datastore(
+        keys.half(), [f"img{i}" for i in range(4)], [s[0] for s in sets], {}, caption_sets=sets
+    )
+    beams = ["many planes are parked at an airport", "a river in a green forest"]
+    model.generate = lambda tokens, contexts, num_beams, num_return_sequences, **kw: beams
+    chosen = model.caption(images[:1], image_ids=["img0"], rerank="mbr", num_beams=2)
+    assert chosen == ["a river runs through a green forest"]
+    # neighbours that agree on no caption of theirs: the beam closest to all of them wins
+    sets[1:] = [["a river near a forest"], ["a green forest"], ["a river in green fields"]]
+    model.datastore = Datastore(
+        keys.half(), [f"img{i}" for i in range(4)], [s[0] for s in sets], {}, caption_sets=sets
+    )
+    chosen = model.caption(images[:1], image_ids=["img0"], rerank="mbr", num_beams=2)
+    assert chosen == ["a river in a green forest"]  # reading its own entry: the planes
+    with pytest.raises(ValueError, match="rerank=mbr .* needs model.retrieval"):
+        build_model(tiny_cfg).eval().caption(images[:1], rerank="mbr", num_beams=2)
+
+
+def test_a_candidates_own_copy_does_not_vote_for_it():
+    """Of two captions each given once, neither votes for itself: against the others only,
+    the beam that matches neither scores 0, and each caption scores against the other."""
+    store = Datastore(
+        torch.ones(2, 2).half(),
+        ["a", "b"],
+        ["x", "y"],
+        {},
+        caption_sets=[["a red roof on a house"], ["a red roof on a big house"]],
+    )
+    assert store.mbr_choice(["green grass"], [0, 1]) == "a red roof on a house"
+    assert store.mbr_choice(["a red roof on a house"], [0]) == "a red roof on a house"
+
+
+def test_caption_sets_travel_with_the_datastore(tmp_path):
+    sets = [["c", "c two"], ["d"]]
+    store = Datastore(torch.ones(2, 2).half(), ["x", "y"], ["c", "d"], {}, caption_sets=sets)
+    assert Datastore.load(store.save(tmp_path / "ds")).caption_sets == sets
+    with pytest.raises(ValueError, match="caption sets"):
+        Datastore(torch.ones(2, 2).half(), ["x", "y"], ["c", "d"], {}, caption_sets=[["c"]])
