@@ -5,6 +5,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from bita.caption import main as caption_main
@@ -28,7 +29,10 @@ def _val_images(folder: Path, count: int) -> dict[str, Path]:
     return images
 
 
-def test_stages_build_the_datastore_once_and_evaluate_and_caption_use_it(tmp_path):
+@pytest.mark.parametrize("rerank", ["none", "mbr"])
+def test_stages_build_the_datastore_once_and_evaluate_and_caption_use_it(tmp_path, rerank):
+    """With decode.rerank=mbr the captions may be the neighbours' own: `bita.caption` must
+    find the same neighbours, with all their captions, from the checkpoint alone."""
     bita_run(
         tmp_path,
         "experiment=tiny",
@@ -37,6 +41,8 @@ def test_stages_build_the_datastore_once_and_evaluate_and_caption_use_it(tmp_pat
         "+stage.recipes.finetune.train.max_steps=3",
         "+stage.recipes.scst.train.max_steps=1",
         "model.retrieval.enabled=true",
+        f"decode.rerank={rerank}",
+        "decode.rerank_neighbours=3",
         "tracking.enabled=false",
     )
     run = next((tmp_path / "runs/tiny").iterdir())
