@@ -192,14 +192,16 @@ class Datastore:
         references = [caption for row in rows for caption in self.caption_sets[row]]
         candidates = list(beams) + references
         against = self._consensus_reward().pairwise(candidates)[:, len(beams) :]
-        reference_tokens = [reward_tokens(caption) for caption in references]
-        scores = []
-        for i, caption in enumerate(candidates):
-            total, count = float(against[i].sum()), len(references)
-            tokens = reward_tokens(caption)
-            if tokens in reference_tokens:  # the candidate's own copy does not vote for it
-                total, count = total - against[i, reference_tokens.index(tokens)], count - 1
-            scores.append(total / max(count, 1))
+        tokens = [reward_tokens(caption) for caption in candidates]
+        first_copy: dict[str, int] = {}
+        for column, reference in enumerate(tokens[len(beams) :]):
+            first_copy.setdefault(reference, column)
+        totals, counts = against.sum(1), np.full(len(candidates), float(len(references)))
+        for i, candidate in enumerate(tokens):
+            if candidate in first_copy:  # the candidate's own copy does not vote for it
+                totals[i] -= against[i, first_copy[candidate]]
+                counts[i] -= 1
+        scores = totals / np.maximum(counts, 1)
         return candidates[int(np.argmax(scores))]
 
     def most_agreed(self, candidates: Sequence[str], references: Sequence[str]) -> str:
