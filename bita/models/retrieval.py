@@ -108,6 +108,11 @@ def fingerprint(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class DatastoreFormatError(ValueError):
+    """A datastore written in another format than this version reads: a stage rebuilds it, a
+    checkpoint that carries it is refused."""
+
+
 @dataclass
 class Datastore:
     """The training images' keys [N, width] (fp16, unit length), ids, one caption each (what
@@ -264,8 +269,10 @@ class Datastore:
             )
         index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
         if index.get("format") != FORMAT:
-            raise ValueError(
-                f"{folder / INDEX_FILE}: format {index.get('format')!r}, expected {FORMAT!r}"
+            raise DatastoreFormatError(
+                f"{folder / INDEX_FILE}: format {index.get('format')!r}, expected {FORMAT!r}; "
+                "a stage that reads the LM rebuilds it when started from this checkpoint "
+                "(init_from)"
             )
         tensors = load_file(str(folder / KEYS_FILE))
         store = cls(

@@ -15,6 +15,7 @@ from bita.data.datastore import build_datastore, training_data_settings
 from bita.data.shards import replace_folder
 from bita.models.retrieval import (
     Datastore,
+    DatastoreFormatError,
     datastore_settings,
     fingerprint,
     tower_key_settings,
@@ -59,7 +60,11 @@ def _fitting(ctx: StageContext, want: str) -> tuple[Path, Datastore] | None:
     for folder in candidates:
         if not folder.is_dir():
             continue
-        store = Datastore.load(folder)
+        try:
+            store = Datastore.load(folder)
+        except DatastoreFormatError as err:
+            log.info("retrieval datastore %s not reused: %s", folder, err)
+            continue
         if store.fingerprint == want:
             log.info("retrieval datastore %s reused (fingerprint %s)", folder, want)
             return folder, store

@@ -4,6 +4,7 @@ trains, and a datastore's fingerprint against the checkpoint it is loaded with."
 import shutil
 from itertools import islice
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,14 +16,17 @@ from bita.engine.checkpoint import TrainState, load_model, save_checkpoint
 from bita.engine.distributed import DistInfo
 from bita.models.build import build_model
 from bita.models.retrieval import (
+    FORMAT,
     INDEX_FILE,
     Datastore,
+    DatastoreFormatError,
     check_datastore,
     datastore_settings,
     fingerprint,
     retrieval_keys,
     tower_key_settings,
 )
+from bita.stages.datastore import _fitting
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 DEMO = OmegaConf.load(CONF / "dataset" / "demo.yaml")
@@ -307,3 +311,20 @@ def test_caption_sets_travel_with_the_datastore(tmp_path):
     assert Datastore.load(store.save(tmp_path / "ds")).caption_sets == sets
     with pytest.raises(ValueError, match="caption sets"):
         Datastore(torch.ones(2, 2).half(), ["x", "y"], ["c", "d"], {}, caption_sets=[["c"]])
+
+
+def test_a_datastore_of_another_format_is_rebuilt_by_a_stage_and_refused_by_a_checkpoint(
+    tmp_path,
+):
+    """A stage started from a checkpoint whose datastore predates `caption_sets` looks past it
+    (and builds one); loading that datastore directly names the file and both formats."""
+    store = Datastore(torch.ones(1, 2).half(), ["x"], ["c"], {})
+    folder = store.save(tmp_path / "ckpt" / "assets" / "retrieval")
+    index = folder / INDEX_FILE
+    index.write_text(index.read_text().replace(FORMAT, "bita-retrieval/1"))
+    with pytest.raises(DatastoreFormatError, match=f"datastore.json: format .*/1.*{FORMAT}"):
+        Datastore.load(folder)
+    ctx = SimpleNamespace(
+        stage_dir=tmp_path / "stage", cfg=SimpleNamespace(init_from=tmp_path / "ckpt")
+    )
+    assert _fitting(ctx, store.fingerprint) is None
