@@ -25,6 +25,8 @@ from bita.models.orientations import (
     IDENTITY_ONLY,
     average_over_orientations,
     check_orientations,
+    mean_turned_back,
+    turn_images,
 )
 from bita.models.precision import in_own_precision
 
@@ -58,7 +60,12 @@ class FrozenImageEncoder(nn.Module):
     fp32 and run under the caller's autocast, so that `stage=tower` can train them on the
     captions and later stages can run them, frozen again, with the adapted weights. `bottom`
     gives the activations at the cut (what a cut-point feature cache stores), `top` the tokens
-    from them. With `adapt_blocks=0` (the paper) the cut is the tower's output."""
+    from them. With `adapt_blocks=0` (the paper) the cut is the tower's output.
+
+    With several orientations and a cut, `bottom` gives each orientation's activations side by
+    side on the token axis ([B, orientations x N, C], in `orientations` order), so a cut cache
+    holds them all; `top` averages the adapted units' tokens over them, and
+    `top_of_one_orientation` (what `stage=tower` trains on) draws one per image."""
 
     def __init__(
         self,
@@ -75,7 +82,7 @@ class FrozenImageEncoder(nn.Module):
         self.preprocess = preprocess
         self.orientations = check_orientations(orientations)
         self.dtype = parse_dtype(dtype, "encoder.dtype")
-        self.adapt_blocks = _checked_adapt_blocks(adapt_blocks, body, self.orientations)
+        self.adapt_blocks = _checked_adapt_blocks(adapt_blocks, body)
         self.cut = body.num_units - self.adapt_blocks
         self.body.to(self.dtype)
         for prefix in self.adapted_prefixes:
@@ -135,35 +142,57 @@ class FrozenImageEncoder(nn.Module):
         that dtype, and under autocast each LayerNorm would round-trip its activations through
         fp32 (copies were 16 % of the GPU time of a paper-scale stage-1 step,
         `tools/bench.py --profile`)."""
+        images = images.to(self.dtype)
         with torch.no_grad(), in_own_precision(self.dtype, images.device.type):
-            if self.adapt_blocks:
-                return self.body.bottom(images.to(self.dtype), self.cut)
-            return average_over_orientations(
-                self.body, images.to(self.dtype), self.orientations, self.body.grid_start
-            )
+            if not self.adapt_blocks:
+                return average_over_orientations(
+                    self.body, images, self.orientations, self.body.grid_start
+                )
+            turned = torch.cat([turn_images(images, name) for name in self.orientations])
+            views = self.body.bottom(turned, self.cut).chunk(len(self.orientations))
+            return torch.cat(views, dim=1)
 
     def top(self, activations: torch.Tensor) -> torch.Tensor:
         """Tokens from the activations at the cut (cached ones included): the adapted units,
-        with autograd where they train."""
+        with autograd where they train, averaged over the orientations."""
         if not self.adapt_blocks:
             return activations
-        return self.body.top(activations.float(), self.cut)
+        views = self._orientation_views(activations).transpose(0, 1).flatten(0, 1)
+        tokens = self.body.top(views.float(), self.cut)
+        return mean_turned_back(tokens, self.orientations, self.body.grid_start)
+
+    def top_of_one_orientation(self, activations: torch.Tensor) -> torch.Tensor:
+        """Tokens of each image from one of its orientations' activations at the cut, drawn
+        at random (torch's generator): the orientations serve `stage=tower` as augmentation at
+        the cost of one view per step. An image's grid stays in its drawn orientation, so only
+        pooled tokens mean the same as `top`'s."""
+        views = self._orientation_views(activations)
+        if views.shape[1] == 1:
+            return self.top(activations)
+        drawn = torch.randint(views.shape[1], (len(views),), device=views.device)
+        rows = torch.arange(len(views), device=views.device)
+        return self.body.top(views[rows, drawn].float(), self.cut)
+
+    def _orientation_views(self, activations: torch.Tensor) -> torch.Tensor:
+        """Activations at the cut [B, orientations x N, C] as [B, orientations, N, C]."""
+        count = len(self.orientations)
+        if activations.shape[1] % count:
+            raise ValueError(
+                f"activations at the cut hold {activations.shape[1]} tokens per image, not a "
+                f"multiple of the {count} encoder.orientations {list(self.orientations)}"
+            )
+        return activations.unflatten(1, (count, -1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.top(self.bottom(images))
 
 
-def _checked_adapt_blocks(adapt_blocks: int | None, body: nn.Module, orientations: tuple) -> int:
+def _checked_adapt_blocks(adapt_blocks: int | None, body: nn.Module) -> int:
     blocks = int(adapt_blocks or 0)
     if not 0 <= blocks <= body.num_units:
         raise ValueError(
             f"encoder.adapt_blocks={blocks}: expected 0 (frozen, as in the paper) up to the "
             f"tower's {body.num_units} units"
-        )
-    if blocks and orientations != IDENTITY_ONLY:
-        raise ValueError(
-            f"encoder.adapt_blocks={blocks} with encoder.orientations={list(orientations)}: an "
-            "adapted tower runs one view; expected encoder.orientations=[identity]"
         )
     if blocks:
         body.check_cut(body.num_units - blocks)

@@ -1,4 +1,4 @@
-"""Orientation averaging for frozen towers: an overhead image has no up, left or right.
+"""Orientation averaging: an overhead image has no up, left or right.
 
 A tower trained on ground-level photos gives different tokens for the same aerial scene seen
 flipped or turned, and those differences are noise to a captioner. Averaging the tower's token
@@ -6,7 +6,11 @@ grid over several orientations of the image (each grid turned back to the image'
 orientation first, so that token i still covers the same ground) removes part of that noise.
 On RSICD val, a linear probe on EfficientNet-Lite0's mean token classified 87.5 % of the scenes
 from one view and 90.3 % from the mean of four (identity, both flips, transpose), though the
-small preset's captions did not gain from it (experiments/RESULTS.md).
+small preset's captions did not gain from it. A tower adapted above a cut (`stage=tower`)
+averages its adapted units' tokens over the orientations of the activations at the cut, and
+trains on one of them per image (bita/models/encoders.py): on RSICD with six adapted Lite0
+units the four orientations moved the probe from 92.5 % to 93.6 % and the captioner's val CIDEr
+from .933 to .945 (experiments/RESULTS.md).
 
 The eight orientations are the symmetries of the square: the identity, three rotations, two
 flips and two transposes, each acting on the last two (height, width) dimensions.
@@ -80,10 +84,16 @@ def average_over_orientations(
     """The mean of `tower`'s tokens over `names`, in one tower call of B × len(names) images."""
     if tuple(names) == IDENTITY_ONLY:
         return tower(images)
-    batch = images.shape[0]
-    tokens = tower(torch.cat([turn_images(images, n) for n in names]))
+    return mean_turned_back(
+        tower(torch.cat([turn_images(images, n) for n in names])), names, grid_start
+    )
+
+
+def mean_turned_back(tokens: torch.Tensor, names: Sequence[str], grid_start: int) -> torch.Tensor:
+    """The mean of tokens [len(names) * B, N, C], a batch seen in each orientation of `names`
+    (stacked in that order), with each grid turned back to the image's orientation first."""
+    parts = tokens.chunk(len(names))
     turned_back = [
-        unturn_tokens(part, name, grid_start)
-        for part, name in zip(tokens.split(batch), names, strict=True)
+        unturn_tokens(part, name, grid_start) for part, name in zip(parts, names, strict=True)
     ]
     return torch.stack(turned_back).mean(0)

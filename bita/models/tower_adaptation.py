@@ -101,7 +101,8 @@ class TowerAdaptation(nn.Module):
         """ITC between each image (cached activations at the cut, or pixels) and its caption;
         returns `loss` and `acc`."""
         features = batch.get("features")
-        tokens = self.encoder(batch["image"]) if features is None else self.encoder.top(features)
+        activations = self.encoder.bottom(batch["image"]) if features is None else features
+        tokens = self.encoder.top_of_one_orientation(activations)
         image, text, temp = self.tower_head(tokens.mean(1), self.text_encoder(batch["caption"]))
         return contrastive_loss(image[:, None], text, temp, self.settings.label_smoothing)
 

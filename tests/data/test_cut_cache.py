@@ -23,10 +23,17 @@ from .test_features import tar_samples
 CUT = CacheOptions(views=2, batch_size=16, progress=False, activations="cut")
 
 
-@pytest.fixture(scope="module")
-def cfg():
-    """`python tools/cache_features.py experiment=tiny encoder.adapt_blocks=1`."""
-    cfg = load_tool("cache_features").compose_config(["experiment=tiny", "encoder.adapt_blocks=1"])
+@pytest.fixture(scope="module", params=[["identity"], ["identity", "rot90"]], ids=["1", "2"])
+def cfg(request):
+    """`python tools/cache_features.py experiment=tiny encoder.adapt_blocks=1`, with one
+    orientation or two (each one's activations at the cut are cached side by side)."""
+    cfg = load_tool("cache_features").compose_config(
+        [
+            "experiment=tiny",
+            "encoder.adapt_blocks=1",
+            f"encoder.orientations=[{','.join(request.param)}]",
+        ]
+    )
     cfg.features.views = CUT.views
     return cfg
 
@@ -67,8 +74,10 @@ def test_the_cut_cache_gives_the_loss_of_the_uncached_path_on_the_same_views(
     cfg, cut_root, sentence_encoder
 ):
     """Training views through the bottom of the tower once, cached at the cut, then the top
-    and the contrastive head per step: the same loss as the whole tower on the same views."""
+    and the contrastive head per step: the same loss as the whole tower on the same views (and
+    the same orientation drawn for each image)."""
     model = TowerAdaptation(tower(cfg), sentence_encoder, ModelSettings(embed_dim=16))
+    orientations = model.encoder.orientations
     assert open_cache(cfg, cut_root, model.encoder, "cut")
     stored = tar_samples(cut_root / "rsicd" / "train")
     demo = Path(resolve_location(cfg.dataset.root)) / "rsicd" / "train"
@@ -88,9 +97,11 @@ def test_the_cut_cache_gives_the_loss_of_the_uncached_path_on_the_same_views(
                 for key, _ in samples
             ]
         )
-        assert cut.dtype == torch.float16 and cut.shape == (6, 17, 64)
+        assert cut.dtype == torch.float16 and cut.shape == (6, 17 * len(orientations), 64)
         with torch.no_grad():
+            torch.manual_seed(view)
             uncached = model({"image": pixels, "caption": captions})["loss"]
+            torch.manual_seed(view)
             from_cache = model({"features": cut, "caption": captions})["loss"]
         assert abs(uncached - from_cache) < 1e-3
 

