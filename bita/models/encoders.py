@@ -9,9 +9,10 @@ was trained with, because the data pipeline must match it exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from bita.models.orientations import (
     average_over_orientations,
     check_orientations,
     mean_turned_back,
+    turn_all,
     turn_images,
 )
 from bita.models.precision import in_own_precision
@@ -142,15 +144,13 @@ class FrozenImageEncoder(nn.Module):
         that dtype, and under autocast each LayerNorm would round-trip its activations through
         fp32 (copies were 16 % of the GPU time of a paper-scale stage-1 step,
         `tools/bench.py --profile`)."""
-        images = images.to(self.dtype)
-        with torch.no_grad(), in_own_precision(self.dtype, images.device.type):
-            if not self.adapt_blocks:
+        if not self.adapt_blocks:
+            with self._frozen(images):
                 return average_over_orientations(
-                    self.body, images, self.orientations, self.body.grid_start
+                    self.body, images.to(self.dtype), self.orientations, self.body.grid_start
                 )
-            turned = torch.cat([turn_images(images, name) for name in self.orientations])
-            views = self.body.bottom(turned, self.cut).chunk(len(self.orientations))
-            return torch.cat(views, dim=1)
+        views = self._below_cut(turn_all(images, self.orientations))
+        return torch.cat(views.chunk(len(self.orientations)), dim=1)
 
     def top(self, activations: torch.Tensor) -> torch.Tensor:
         """Tokens from the activations at the cut (cached ones included): the adapted units,
@@ -169,9 +169,38 @@ class FrozenImageEncoder(nn.Module):
         views = self._orientation_views(activations)
         if views.shape[1] == 1:
             return self.top(activations)
-        drawn = torch.randint(views.shape[1], (len(views),), device=views.device)
+        drawn = self._draw_orientations(len(views), views.device)
         rows = torch.arange(len(views), device=views.device)
         return self.body.top(views[rows, drawn].float(), self.cut)
+
+    def tokens_of_one_orientation(self, images: torch.Tensor) -> torch.Tensor:
+        """What `top_of_one_orientation(bottom(images))` gives, for the same draw, with only
+        the drawn orientation of each image run below the cut: `stage=tower` without a cut
+        cache would otherwise pay for every orientation's bottom and use one."""
+        if len(self.orientations) == 1:
+            return self.top(self.bottom(images))
+        drawn = self._draw_orientations(len(images), images.device).tolist()
+        turned = torch.stack(
+            [
+                turn_images(image, self.orientations[i])
+                for image, i in zip(images, drawn, strict=True)
+            ]
+        )
+        return self.body.top(self._below_cut(turned).float(), self.cut)
+
+    def _draw_orientations(self, count: int, device: torch.device) -> torch.Tensor:
+        return torch.randint(len(self.orientations), (count,), device=device)
+
+    def _below_cut(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen units below the cut on `images` as they are (no orientations)."""
+        with self._frozen(images):
+            return self.body.bottom(images.to(self.dtype), self.cut)
+
+    @contextlib.contextmanager
+    def _frozen(self, images: torch.Tensor) -> Iterator[None]:
+        """No autograd, and the tower's own precision (see `bottom`)."""
+        with torch.no_grad(), in_own_precision(self.dtype, images.device.type):
+            yield
 
     def _orientation_views(self, activations: torch.Tensor) -> torch.Tensor:
         """Activations at the cut [B, orientations x N, C] as [B, orientations, N, C]."""

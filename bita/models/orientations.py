@@ -60,6 +60,12 @@ def turn_images(images: torch.Tensor, name: str) -> torch.Tensor:
     return _TURNS[name][0](images, -2, -1)
 
 
+def turn_all(images: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    """`images` [B, C, H, W] seen in each orientation of `names`, stacked in that order
+    [len(names) * B, C, H, W]: one tower call covers every view (`mean_turned_back` undoes it)."""
+    return torch.cat([turn_images(images, name) for name in names])
+
+
 def unturn_tokens(tokens: torch.Tensor, name: str, grid_start: int) -> torch.Tensor:
     """Tokens [B, N, C] of an image seen in orientation `name`, with the square grid that
     starts at token `grid_start` turned back to the image's orientation (tokens before it,
@@ -84,9 +90,7 @@ def average_over_orientations(
     """The mean of `tower`'s tokens over `names`, in one tower call of B × len(names) images."""
     if tuple(names) == IDENTITY_ONLY:
         return tower(images)
-    return mean_turned_back(
-        tower(torch.cat([turn_images(images, n) for n in names])), names, grid_start
-    )
+    return mean_turned_back(tower(turn_all(images, names)), names, grid_start)
 
 
 def mean_turned_back(tokens: torch.Tensor, names: Sequence[str], grid_start: int) -> torch.Tensor:

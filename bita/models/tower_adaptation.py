@@ -101,8 +101,10 @@ class TowerAdaptation(nn.Module):
         """ITC between each image (cached activations at the cut, or pixels) and its caption;
         returns `loss` and `acc`."""
         features = batch.get("features")
-        activations = self.encoder.bottom(batch["image"]) if features is None else features
-        tokens = self.encoder.top_of_one_orientation(activations)
+        if features is None:
+            tokens = self.encoder.tokens_of_one_orientation(batch["image"])
+        else:
+            tokens = self.encoder.top_of_one_orientation(features)
         image, text, temp = self.tower_head(tokens.mean(1), self.text_encoder(batch["caption"]))
         return contrastive_loss(image[:, None], text, temp, self.settings.label_smoothing)
 

@@ -173,7 +173,8 @@ def test_adapt_blocks_out_of_range_is_named(compose):
 def test_an_adapted_tower_averages_its_top_over_orientations_or_draws_one(compose, encoder, size):
     """The cut holds every orientation's activations side by side; `top` is the mean of the
     turned-back tokens of each, as the whole tower averages them; `top_of_one_orientation`
-    gives each image the tokens of one of them."""
+    gives each image the tokens of one of them, as `tokens_of_one_orientation` does from pixels
+    with the same draw."""
     cfg = {**compose(encoder, "tiny", "tiny").encoder, "adapt_blocks": 2}
     names = ["identity", "hflip", "rot90"]
     torch.manual_seed(0)
@@ -188,10 +189,13 @@ def test_an_adapted_tower_averages_its_top_over_orientations_or_draws_one(compos
     expected = torch.stack([unturn_tokens(views[n], n, grid) for n in names]).mean(0)
     torch.testing.assert_close(turning.top(cut), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(turning(x), expected, rtol=1e-4, atol=1e-4)
+    torch.manual_seed(1)
     drawn = turning.top_of_one_orientation(cut)
     for image in range(2):
         matches = [torch.allclose(drawn[image], views[n][image], atol=1e-4) for n in names]
         assert sum(matches) == 1
+    torch.manual_seed(1)
+    torch.testing.assert_close(turning.tokens_of_one_orientation(x), drawn, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="not a multiple of the 3 encoder.orientations"):
         turning.top(cut[:, 1:])
 
