@@ -154,6 +154,13 @@ def test_a_cache_made_before_adaptation_or_at_another_cut_is_refused(
     other_bottom = tower(cfg, seed=1)
     with pytest.raises(ValueError, match=both + r"weights_sha256: cache '\w+' vs run '\w+'\. "):
         open_cache(cfg, cut_root, other_bottom, "cut")
+    other = ["identity", "hflip", "vflip"]  # neither fixture's orientations
+    turning = tower(cfg, orientations=other)
+    refused = (
+        both + r"encoder.orientations: cache (\[.+\]|\(not recorded\)) vs run \['identity', 'h"
+    )
+    with pytest.raises(ValueError, match=refused):
+        open_cache(cfg, cut_root, turning, "cut", orientations=other)
     assert open_cache(cfg, cut_root, adapted, "cut")  # adapting the top keeps the cut valid
     with pytest.raises(ValueError, match="features.activations=cut needs a cut"):
         cache_features(cfg.dataset, tokens_cfg, before, tmp_path / "nocut", CUT)
