@@ -96,6 +96,7 @@ def test_offline_rsicd_adapts_the_tower_before_stage_one_from_a_cut_cache():
     assert cfg.encoder.adapt_blocks == 6 and cfg.features.activations == "cut"
     assert list(cfg.encoder.orientations) == ["identity", "hflip", "vflip", "transpose"]
     assert cfg.decode.rerank == "mbr" and cfg.model.retrieval.enabled
+    assert cfg.decode.rerank_neighbours == 30 and cfg.decode.rerank_sharpness == 8
     assert cfg.stage.recipes.tower.cached_activations == "cut"
 
 

@@ -36,6 +36,7 @@ class DecodeSettings:
     cuda_graph: bool = True
     rerank: str = "none"
     rerank_neighbours: int = 40
+    rerank_sharpness: float = 0.0
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -50,6 +51,8 @@ class DecodeSettings:
             "beam_loop": self.beam_loop in BEAM_LOOPS,
             "rerank": self.rerank in RERANKS and (self.rerank == "none" or self.num_beams > 1),
             "rerank_neighbours": self.rerank_neighbours >= 1,
+            "rerank_sharpness": self.rerank_sharpness == 0
+            or (self.rerank_sharpness > 0 and self.rerank == "mbr"),
         }
         wrong = [name for name, ok in checks.items() if not ok]
         if wrong:
@@ -59,6 +62,7 @@ class DecodeSettings:
                 "0 <= min_new_tokens <= "
                 "max_new_tokens, repetition_penalty > 0, 0 < top_p <= 1, temperature > 0, "
                 f"beam_loop in {BEAM_LOOPS}, rerank in {RERANKS} (other than none: num_beams >= 2)"
+                ", rerank_sharpness 0, or > 0 with rerank=mbr"
             )
 
     @classmethod

@@ -294,6 +294,7 @@ class BITA(nn.Module):
         image_ids: list[str] | None = None,
         rerank: str = "none",
         rerank_neighbours: int = 40,
+        rerank_sharpness: float = 0.0,
         **decode: Any,
     ) -> list[str]:
         """One caption per image (or cached tower `features`), `generate`'s `decode` settings;
@@ -301,16 +302,16 @@ class BITA(nn.Module):
         datastore entry whose id is in `image_ids`). `rerank="consensus"` returns, of each
         image's beams, the one that agrees most with its neighbours' captions
         (`consensus_beams`); `rerank="mbr"` lets the captions of its `rerank_neighbours`
-        nearest training images compete with the beams (`mbr_captions`)."""
+        nearest training images, weighed by `rerank_sharpness`, compete with the beams
+        (`mbr_captions`)."""
         tower = self.tower_tokens(images, features)
         contexts = self.retrieved_contexts(tower, image_ids)
         tokens = self.ln_vision(tower.float())
         if rerank == "consensus":
             return self.consensus_beams(tower, tokens, contexts, image_ids, **decode)
         if rerank == "mbr":
-            return self.mbr_captions(
-                tower, tokens, contexts, image_ids, rerank_neighbours, **decode
-            )
+            neighbours = (rerank_neighbours, rerank_sharpness)
+            return self.mbr_captions(tower, tokens, contexts, image_ids, neighbours, **decode)
         if rerank != "none":
             raise ValueError(f"decode.rerank={rerank!r}: expected one of {RERANKS}")
         return self.generate(tokens, contexts=contexts, **decode)
@@ -345,19 +346,23 @@ class BITA(nn.Module):
         image_tokens: torch.Tensor,
         contexts: Contexts,
         image_ids: list[str] | None,
-        neighbours: int,
+        neighbours: tuple[int, float],
         num_beams: int = 5,
         **decode: Any,
     ) -> list[str]:
         """Minimum Bayes risk over each image's `num_beams` beams and every caption of its
-        `neighbours` nearest training images (never its own entry), against those captions
-        (`Datastore.mbr_choice`). The generated captions compete with what retrieval would
-        say, so the captioner keeps whichever the neighbours support more."""
+        nearest training images (never its own entry), against those captions
+        (`Datastore.mbr_choice`); `neighbours` is how many images, and how sharply nearer ones
+        weigh more. The generated captions compete with what retrieval would say, so the
+        captioner keeps whichever the neighbours support more."""
+        count, sharpness = neighbours
         beams = self._beams_per_image(image_tokens, contexts, "mbr", num_beams, **decode)
-        rows = self.datastore.nearest_rows(self.datastore.query_keys(tower), neighbours, image_ids)
+        rows, similarities = self.datastore.nearest(
+            self.datastore.query_keys(tower), count, image_ids
+        )
         return [
-            self.datastore.mbr_choice(candidates, nearest)
-            for candidates, nearest in zip(beams, rows, strict=True)
+            self.datastore.mbr_choice(candidates, nearest, cosines, sharpness)
+            for candidates, nearest, cosines in zip(beams, rows, similarities, strict=True)
         ]
 
     def _beams_per_image(

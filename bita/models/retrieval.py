@@ -177,6 +177,12 @@ class Datastore:
     ) -> list[list[int]]:
         """The rows of the `count` entries nearest each query key [B, width], nearest first,
         never the entry whose id is the query's `exclude[i]`."""
+        return self.nearest(queries, count, exclude)[0]
+
+    def nearest(
+        self, queries: torch.Tensor, count: int, exclude: Sequence[str | None] | None = None
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """`nearest_rows` and the cosine similarity of each of those entries to its query."""
         with torch.autocast(queries.device.type, enabled=False):  # bf16 would tie neighbours
             scores = queries.float() @ self._on(queries.device).T
         own = [(i, self._row.get(image_id)) for i, image_id in enumerate(exclude or [])]
@@ -186,27 +192,39 @@ class Datastore:
         take = min(count, len(self.ids) - bool(own))
         if take < 1:
             raise ValueError(f"datastore of {len(self.ids)} image(s): nothing left to retrieve")
-        return scores.topk(take, dim=1).indices.tolist()
+        nearest = scores.topk(take, dim=1)
+        return nearest.indices.tolist(), nearest.values.tolist()
 
-    def mbr_choice(self, beams: Sequence[str], rows: Sequence[int]) -> str:
+    def mbr_choice(
+        self,
+        beams: Sequence[str],
+        rows: Sequence[int],
+        similarities: Sequence[float] | None = None,
+        sharpness: float = 0.0,
+    ) -> str:
         """Minimum Bayes risk over the beams and every caption of the entries `rows`: the
-        candidate with the highest mean CIDEr-D against those captions, a candidate's own copy
-        among them left out (beams first on ties). Where the tower's neighbours agree more
-        than any beam does, their consensus caption wins, as kNN retrieval would choose it;
-        elsewhere the beam closest to it does."""
+        candidate with the highest weighted mean CIDEr-D against those captions, a candidate's
+        own copy among them left out (beams first on ties). Where the tower's neighbours agree
+        more than any beam does, their consensus caption wins, as kNN retrieval would choose
+        it; elsewhere the beam closest to it does.
+
+        Each entry's captions weigh exp(`sharpness` x its cosine `similarities` to the query),
+        so the risk is taken under a retrieval posterior that trusts nearer neighbours more; 0
+        weighs them all alike."""
         references = [caption for row in rows for caption in self.caption_sets[row]]
+        weights = _neighbour_weights(rows, self.caption_sets, similarities, sharpness)
         candidates = list(beams) + references
-        against = self._consensus_reward().pairwise(candidates)[:, len(beams) :]
+        against = self._consensus_reward().pairwise(candidates)[:, len(beams) :] * weights
         tokens = [reward_tokens(caption) for caption in candidates]
         first_copy: dict[str, int] = {}
         for column, reference in enumerate(tokens[len(beams) :]):
             first_copy.setdefault(reference, column)
-        totals, counts = against.sum(1), np.full(len(candidates), float(len(references)))
+        totals, counts = against.sum(1), np.full(len(candidates), weights.sum())
         for i, candidate in enumerate(tokens):
             if candidate in first_copy:  # the candidate's own copy does not vote for it
                 totals[i] -= against[i, first_copy[candidate]]
-                counts[i] -= 1
-        scores = totals / np.maximum(counts, 1)
+                counts[i] -= weights[first_copy[candidate]]
+        scores = np.divide(totals, counts, out=np.zeros_like(totals), where=counts > 0)
         return candidates[int(np.argmax(scores))]
 
     def most_agreed(self, candidates: Sequence[str], references: Sequence[str]) -> str:
@@ -289,6 +307,23 @@ class Datastore:
                 f"fingerprint {index['fingerprint']} it records: the file was edited"
             )
         return store
+
+
+def _neighbour_weights(
+    rows: Sequence[int],
+    caption_sets: Sequence[Sequence[str]],
+    similarities: Sequence[float] | None,
+    sharpness: float,
+) -> np.ndarray:
+    """One weight per caption of the entries `rows`: exp(sharpness x (similarity - the
+    highest)), the shift keeping large sharpness finite; all ones without sharpness."""
+    sizes = [len(caption_sets[row]) for row in rows]
+    if not sharpness:
+        return np.ones(sum(sizes))
+    if similarities is None or len(similarities) != len(rows):
+        raise ValueError("weighted mbr needs one similarity per neighbour row")
+    cosines = np.asarray(similarities, dtype=float)
+    return np.repeat(np.exp(sharpness * (cosines - cosines.max())), sizes)
 
 
 def check_datastore(store: Datastore, expected: Mapping[str, Any], where: str | Path) -> None:

@@ -44,6 +44,8 @@ def test_overrides_replace_config_and_none_keeps_it():
         ({"num_beams": True}, "decode.num_beams=True: expected a int"),
         ({"rerank": "vote"}, "decode.rerank='vote' is invalid"),
         ({"rerank_neighbours": 0}, "decode.rerank_neighbours=0 is invalid"),
+        ({"rerank": "mbr", "rerank_sharpness": -1.0}, "decode.rerank_sharpness=-1.0 is invalid"),
+        ({"rerank": "consensus", "rerank_sharpness": 8}, r"rerank_sharpness=8.0 is invalid.*mbr"),
         ({"rerank": "consensus", "num_beams": 1}, "decode.rerank='consensus' is invalid"),
     ],
 )

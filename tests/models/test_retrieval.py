@@ -305,6 +305,26 @@ def test_a_candidates_own_copy_does_not_vote_for_it():
     assert store.mbr_choice(["a red roof on a house"], [0]) == "a red roof on a house"
 
 
+def test_sharpness_lets_nearer_neighbours_outvote_farther_ones():
+    """decode.rerank_sharpness: two far neighbours agreeing on planes outvote the near ones'
+    river when all weigh alike, and lose to them when weights grow with similarity."""
+    sets = [
+        ["a river runs through a green forest"],
+        ["many planes are parked at an airport"],
+        ["many planes are parked at a large airport"],
+        ["a bridge over a river"],
+    ]
+    store = Datastore(
+        torch.ones(4, 2).half(), list("abcd"), [s[0] for s in sets], {}, caption_sets=sets
+    )
+    beams, rows, cosines = ["a river in a forest"], [0, 1, 2, 3], [0.9, 0.5, 0.5, 0.85]
+    assert store.mbr_choice(beams, rows) == sets[2][0]
+    assert store.mbr_choice(beams, rows, cosines, 0.0) == sets[2][0]
+    assert store.mbr_choice(beams, rows, cosines, 8.0) == beams[0]
+    with pytest.raises(ValueError, match="one similarity per neighbour row"):
+        store.mbr_choice(beams, rows, cosines[:2], 8.0)
+
+
 def test_caption_sets_travel_with_the_datastore(tmp_path):
     sets = [["c", "c two"], ["d"]]
     store = Datastore(torch.ones(2, 2).half(), ["x", "y"], ["c", "d"], {}, caption_sets=sets)
