@@ -36,7 +36,9 @@ def trained_weights(out: Path, zero: int, processes: int) -> dict[str, torch.Ten
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node"]
         command += [str(processes), "--master_addr", "127.0.0.1"]
         command += ["--master_port", str(free_port()), *script]
-    subprocess.run(command, env=clean_env(), check=True, timeout=600, capture_output=True)
+    result = subprocess.run(command, env=clean_env(), timeout=600, capture_output=True, text=True)
+    if result.returncode != 0:  # say why: a bare CalledProcessError hides the ranks' output
+        raise AssertionError(f"{command} exited {result.returncode}:\n{result.stderr[-4000:]}")
     return torch.load(out / "weights.pt", weights_only=True)
 
 
