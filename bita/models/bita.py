@@ -310,8 +310,9 @@ class BITA(nn.Module):
         if rerank == "consensus":
             return self.consensus_beams(tower, tokens, contexts, image_ids, **decode)
         if rerank == "mbr":
-            neighbours = (rerank_neighbours, rerank_sharpness)
-            return self.mbr_captions(tower, tokens, contexts, image_ids, neighbours, **decode)
+            return self.mbr_captions(
+                tower, tokens, contexts, image_ids, rerank_neighbours, rerank_sharpness, **decode
+            )
         if rerank != "none":
             raise ValueError(f"decode.rerank={rerank!r}: expected one of {RERANKS}")
         return self.generate(tokens, contexts=contexts, **decode)
@@ -346,19 +347,19 @@ class BITA(nn.Module):
         image_tokens: torch.Tensor,
         contexts: Contexts,
         image_ids: list[str] | None,
-        neighbours: tuple[int, float],
+        neighbours: int,
+        sharpness: float,
         num_beams: int = 5,
         **decode: Any,
     ) -> list[str]:
         """Minimum Bayes risk over each image's `num_beams` beams and every caption of its
-        nearest training images (never its own entry), against those captions
-        (`Datastore.mbr_choice`); `neighbours` is how many images, and how sharply nearer ones
-        weigh more. The generated captions compete with what retrieval would say, so the
-        captioner keeps whichever the neighbours support more."""
-        count, sharpness = neighbours
+        `neighbours` nearest training images (never its own entry), against those captions,
+        nearer ones weighing more by `sharpness` (`Datastore.mbr_choice`). The generated
+        captions compete with what retrieval would say, so the captioner keeps whichever the
+        neighbours support more."""
         beams = self._beams_per_image(image_tokens, contexts, "mbr", num_beams, **decode)
         rows, similarities = self.datastore.nearest(
-            self.datastore.query_keys(tower), count, image_ids
+            self.datastore.query_keys(tower), neighbours, image_ids
         )
         return [
             self.datastore.mbr_choice(candidates, nearest, cosines, sharpness)
